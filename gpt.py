@@ -1,0 +1,378 @@
+"""The GPT-2 model: architecture, presets, KV cache, and weight files.
+
+Entry points: `model_config(name)`, `GPTModel(cfg)`, `KVCache`, `load_gpt2(model, path)` for
+Hugging Face `model.safetensors` files, `download_gpt2(name)`, and `save_model` / `load_model` for
+this project's own checkpoints. Names follow the book's chapter 4 (`tok_emb`, `trf_blocks`,
+`final_norm`, `out_head`); the query/key/value weights are one fused matrix, as in GPT-2's files.
+"""
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import atomic_write_bytes, cache_root, download
+
+MODEL_NAMES = ("tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_SIZES = {  # emb_dim, n_layers, n_heads (GPT-2 paper, table 2)
+    "gpt2-small": (768, 12, 12),
+    "gpt2-medium": (1024, 24, 16),
+    "gpt2-large": (1280, 36, 20),
+    "gpt2-xl": (1600, 48, 25),
+}
+HF_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
+            "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+
+
+def model_config(name: str) -> dict:
+    """The book's config dict for a preset: GPT-2's four sizes, or `tiny` for the offline demo."""
+    if name == "tiny":  # ~7M parameters, most of them the 50257 x 128 token embedding
+        return {"vocab_size": 50257, "context_length": 256, "emb_dim": 128, "n_heads": 4,
+                "n_layers": 4, "drop_rate": 0.0, "qkv_bias": True}
+    if name not in _SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    emb_dim, n_layers, n_heads = _SIZES[name]
+    return {"vocab_size": 50257, "context_length": 1024, "emb_dim": emb_dim, "n_heads": n_heads,
+            "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True}
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (B, n_heads, T, head_dim) pair per layer.
+
+    `pad_mask` (B, T) remembers which cached positions are real tokens, so left-padded rows
+    never attend to their padding and count positions from their first real token.
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pad_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.pad_mask is None else self.pad_mask.shape[1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished sequences stop costing compute)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.pad_mask = self.pad_mask[rows]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.n_heads = cfg["n_heads"]
+        self.drop_rate = cfg["drop_rate"]
+        self.qkv = nn.Linear(cfg["emb_dim"], 3 * cfg["emb_dim"], bias=cfg["qkv_bias"])
+        self.out_proj = nn.Linear(cfg["emb_dim"], cfg["emb_dim"])
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_heads, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            if layer < len(cache.keys):
+                k = torch.cat([cache.keys[layer], k], dim=2)
+                v = torch.cat([cache.values[layer], v], dim=2)
+                cache.keys[layer], cache.values[layer] = k, v
+            else:
+                cache.keys.append(k)
+                cache.values.append(v)
+        dropout = self.drop_rate if self.training else 0.0
+        if attn_mask is None:  # no padding and no cache: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.fc = nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"])
+        self.proj = nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"])
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
+        self.att = MultiHeadAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), attn_mask, cache, layer))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+def attention_mask(pad_mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """(B, 1, n_new, T) bool: query i (the last n_new of T) sees real keys at or before it.
+
+    A query always sees itself, so a padding position never has an all-masked row (NaN).
+    """
+    T = pad_mask.shape[1]
+    query_pos = torch.arange(T - n_new, T, device=pad_mask.device)[:, None]
+    key_pos = torch.arange(T, device=pad_mask.device)[None, :]
+    causal = key_pos <= query_pos  # (n_new, T)
+    return ((causal & pad_mask[:, None, :]) | (key_pos == query_pos))[:, None]
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
+        self.final_norm = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.out_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for block in self.trf_blocks:  # GPT-2 scales residual projections by 1/sqrt(2 * n_layers)
+            for proj in (block.att.out_proj, block.ff.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx, cache=None, pad_mask=None):
+        """Final-LayerNorm output (B, T, emb_dim); `out_head` turns it into logits.
+
+        pad_mask (B, T) bool marks real tokens (False = left padding). With a cache, idx holds
+        only the new tokens and the cache supplies everything before them.
+        """
+        B, T = idx.shape
+        past = len(cache) if cache is not None else 0
+        if past + T > self.cfg["context_length"]:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context length "
+                             f"{self.cfg['context_length']}")
+        if pad_mask is None:
+            pad_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        full_mask = pad_mask if cache is None or cache.pad_mask is None \
+            else torch.cat([cache.pad_mask, pad_mask], dim=1)
+        if cache is not None:
+            cache.pad_mask = full_mask
+        # positions count real tokens only, so a left-padded row starts at position 0
+        pos = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
+        attn_mask = None if past == 0 and bool(pad_mask.all()) else attention_mask(full_mask, T)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, attn_mask, cache, layer)
+        return self.final_norm(x)
+
+    def forward(self, idx, cache=None, pad_mask=None):
+        return self.out_head(self.hidden(idx, cache, pad_mask))
+
+
+# ---- Hugging Face safetensors files ---------------------------------------------------------
+# Format: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+# then the raw little-endian tensor bytes; offsets count from the end of the header.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16}
+MAX_HEADER_BYTES = 100 * 2**20  # real GPT-2 headers are ~15 KB; refuse to allocate absurd sizes
+
+
+def _check_header_entry(name: str, info, data_size: int) -> tuple[torch.dtype, list, int, int]:
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r}: header entry is not an object")
+    if info.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise ValueError(f"tensor {name!r}: data offsets {offsets!r} lie outside the "
+                         f"{data_size}-byte data section (truncated file?)")
+    n_bytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != n_bytes:
+        raise ValueError(f"tensor {name!r}: shape {shape} needs {n_bytes} bytes, "
+                         f"offsets give {offsets[1] - offsets[0]}")
+    return dtype, shape, offsets[0], offsets[1]
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Read every tensor of a .safetensors file, checking the header against the file first."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (truncated, {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(f"{path}: header of {n} bytes does not fit in a {size}-byte "
+                             f"file (not safetensors, or truncated)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: header is not valid JSON ({e.__class__.__name__})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: header is not a JSON object")
+        header.pop("__metadata__", None)
+        entries = {name: _check_header_entry(name, info, size - 8 - n)
+                   for name, info in header.items()}
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap")
+        tensors = {}
+        for name, (dtype, shape, begin, end) in entries.items():
+            f.seek(8 + n + begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{path}: file ends inside tensor {name!r}")
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
+        return tensors
+
+
+def hf_to_gpt_name(name: str) -> str | None:
+    """Map a Hugging Face GPT-2 tensor name to this model's parameter name (None = skip it)."""
+    name = name.removeprefix("transformer.")
+    if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", name):
+        return None  # causal-mask buffers, not parameters
+    fixed = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
+             "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias",
+             "lm_head.weight": "out_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"h\.(\d+)\.(ln_1|attn\.c_attn|attn\.c_proj|ln_2|mlp\.c_fc|mlp\.c_proj)"
+                     r"\.(weight|bias)", name)
+    if m is None:
+        raise ValueError(f"unexpected tensor {name!r} in a GPT-2 checkpoint")
+    part = {"ln_1": "norm1", "attn.c_attn": "att.qkv", "attn.c_proj": "att.out_proj",
+            "ln_2": "norm2", "mlp.c_fc": "ff.fc", "mlp.c_proj": "ff.proj"}[m[2]]
+    return f"trf_blocks.{m[1]}.{part}.{m[3]}"
+
+
+def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[str, torch.Tensor]:
+    """Rename and transpose Hugging Face GPT-2 tensors into `model`'s state dict, checking shapes."""
+    expected = model.state_dict()
+    state = {}
+    for hf_name, tensor in tensors.items():
+        name = hf_to_gpt_name(hf_name)
+        if name is None:
+            continue
+        if re.search(r"\.(qkv|out_proj|fc|proj)\.weight$", name):
+            tensor = tensor.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
+        if name in state:
+            raise ValueError(f"tensor {hf_name!r} appears twice (with and without 'transformer.')")
+        if name not in expected:
+            raise ValueError(f"unexpected tensor {hf_name!r} for a {model.cfg['n_layers']}-layer model")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model wants "
+                             f"{tuple(expected[name].shape)} (weights of another GPT-2 size?)")
+        state[name] = tensor
+    head = state.pop("out_head.weight", None)
+    if head is not None and not torch.equal(head, state.get("tok_emb.weight", head)):
+        raise ValueError("lm_head.weight differs from wte.weight; this model ties them")
+    for name in expected:
+        if name != "out_head.weight" and name not in state:
+            raise ValueError(f"missing tensor for {name!r} in the GPT-2 checkpoint")
+    state["out_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def load_gpt2(model: GPTModel, path) -> GPTModel:
+    """Load a Hugging Face GPT-2 `model.safetensors` into a model built from the matching preset."""
+    state = gpt2_state_dict(read_safetensors(path), model)
+    with torch.no_grad():
+        model.load_state_dict(state)
+    return model
+
+
+def gpt2_url(name: str) -> str:
+    return f"https://huggingface.co/openai-community/{HF_NAMES[name]}/resolve/main/model.safetensors"
+
+
+def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local path of a preset's `model.safetensors`, downloaded into the cache if not there yet."""
+    if name not in HF_NAMES:
+        raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(HF_NAMES)}")
+    dest = Path(cache_dir or cache_root()) / HF_NAMES[name] / "model.safetensors"
+    if dest.exists():
+        return dest
+    try:
+        return download(gpt2_url(name), dest)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{name} weights not found at {dest} and the download failed ({e}); pass "
+            f"--weights PATH to a local model.safetensors, or use --model tiny to train offline") from None
+
+
+# ---- this project's own checkpoints ---------------------------------------------------------
+def save_model(model: GPTModel, cfg: dict, path) -> None:
+    """Write the weights and the config they need to `path` atomically (temp file + rename)."""
+    buf = io.BytesIO()
+    torch.save({"format": "gpt2-instruct", "config": dict(cfg), "state_dict": model.state_dict()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle errors come in many classes; all mean "not our file"
+        raise ValueError(f"{path}: not a PyTorch checkpoint this project can load safely "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
+def load_model(path, device="cpu") -> tuple[GPTModel, dict]:
+    """Load a model written by `save_model`; returns it in eval mode with its config."""
+    ckpt = read_checkpoint(path)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct"):
+        raise ValueError(f"{path}: not a model saved by this project (no gpt2-instruct header)")
+    cfg = ckpt["config"]
+    model = GPTModel(cfg)
+    load_state(model, ckpt["state_dict"], path)
+    return model.to(device).eval(), cfg
+
+
+def load_state(model: GPTModel, state: dict, source) -> None:
+    """load_state_dict with a one-line ValueError naming the first missing or mismatched tensor."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if not isinstance(state.get(name), torch.Tensor):
+            raise ValueError(f"{source}: missing tensor {name!r}")
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                             f"the model wants {tuple(tensor.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor {extra[0]!r}")
+    model.load_state_dict(state)
+
+
+def load_weights(model: GPTModel, path) -> GPTModel:
+    """`--weights PATH`: a Hugging Face .safetensors file, or a .pt written by this project."""
+    with open(path, "rb") as f:
+        is_zip = f.read(2) == b"PK"  # torch.save's format is a zip archive
+    if not is_zip:
+        return load_gpt2(model, path)
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds no state dict")
+    load_state(model, state, path)
+    return model
