@@ -1,0 +1,437 @@
+"""Judge the responses written by train.py: offline scores, an LLM judge, and MMLU-style benchmarks.
+
+Entry points: the pure scores (`exact_match`, `answer_contained`, `token_f1`, `rouge_l`),
+`score_entries` / `render_report`, the judge client (`check_judge`, `ask_judge`, `judge_entries`)
+and `mmlu_evaluate`. Standard library only (HTTP through urllib); torch only for `--mmlu`.
+Not a generator: it reads `model_response` fields, it does not produce them.
+"""
+import argparse
+import collections
+import csv
+import http.client
+import json
+import os
+import re
+import sys
+import unicodedata
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from data import atomic_write_bytes, cli_main, format_input, get_tokenizer, load_data, write_json
+
+METRICS = ("exact_match", "answer_contained", "token_f1", "rouge_l", "judge_score")
+
+
+# ---- offline scores: small pure functions -------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lowercase, delete punctuation ("U.S." -> "us"), drop the articles a/an/the, one space."""
+    text = "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def exact_match(response: str, reference: str) -> float:
+    return float(normalize_answer(response) == normalize_answer(reference))
+
+
+def answer_contained(response: str, answer: str) -> float:
+    """1.0 if the normalised answer appears in the normalised response as whole words."""
+    a, r = normalize_answer(answer), normalize_answer(response)
+    return float(f" {a} " in f" {r} ") if a else float(not r)
+
+
+def token_f1(response: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall (tokens counted with multiplicity)."""
+    r, ref = normalize_answer(response).split(), normalize_answer(reference).split()
+    if not r or not ref:
+        return float(r == ref)
+    same = sum((collections.Counter(r) & collections.Counter(ref)).values())
+    return 2 * same / (len(r) + len(ref))  # = 2PR / (P + R) with P = same/|r|, R = same/|ref|
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence, one row of the DP table at a time."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(response: str, reference: str) -> float:
+    """ROUGE-L F1 on normalised tokens: P = lcs/|response|, R = lcs/|reference|."""
+    r, ref = normalize_answer(response).split(), normalize_answer(reference).split()
+    if not r or not ref:
+        return float(r == ref)
+    return 2 * lcs_length(r, ref) / (len(r) + len(ref))  # = 2PR / (P + R)
+
+
+def score_entry(entry: dict) -> dict:
+    """Every score of one entry; None where it does not apply (no `answer`, not judged).
+
+    Exact match is 1 when the normalised response equals the normalised `output`, or the
+    normalised `answer` when the entry has one (a short answer should not need the full sentence).
+    """
+    response, output, answer = entry["model_response"], entry["output"], entry.get("answer")
+    answer = None if answer is None else str(answer)
+    return {"exact_match": max(exact_match(response, output),
+                               exact_match(response, answer) if answer is not None else 0.0),
+            "answer_contained": None if answer is None else answer_contained(response, answer),
+            "token_f1": token_f1(response, output),
+            "rouge_l": rouge_l(response, output),
+            "judge_score": entry.get("judge_score")}
+
+
+def average(rows: list[dict]) -> dict:
+    """{"n": rows, metric: mean or None, metric + "_n": how many rows have that metric}."""
+    out = {"n": len(rows)}
+    for m in METRICS:
+        values = [r[m] for r in rows if r[m] is not None]
+        out[m] = sum(values) / len(values) if values else None
+        out[m + "_n"] = len(values)
+    return out
+
+
+def score_entries(entries: list[dict]) -> dict:
+    """{"overall": average, "tasks": {task: average}}; entries without a `task` go to "-"."""
+    rows = [score_entry(e) for e in entries]
+    by_task = collections.defaultdict(list)
+    for e, r in zip(entries, rows):
+        by_task[str(e.get("task", "-"))].append(r)
+    return {"overall": average(rows), "tasks": {t: average(by_task[t]) for t in sorted(by_task)}}
+
+
+# ---- Markdown report ----------------------------------------------------------------------------
+SCORE_NOTES = ("Percentages over normalised text (lowercase, no punctuation, no a/an/the). "
+               "Exact match: the response equals `output`, or `answer` when present. "
+               "Contained: `answer` appears in the response as whole words. "
+               "Token F1 and ROUGE-L (LCS F1): against `output`. "
+               "Judge: mean 0-100 score from the LLM judge.")
+
+
+def cell(text, limit: int = 400) -> str:
+    """Text made safe for one Markdown table cell (pipes escaped, newlines as <br>)."""
+    text = str(text) if len(str(text)) <= limit else str(text)[:limit] + "…"
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def fmt(summary: dict, m: str) -> str:
+    """A metric as a percentage (the judge's 0-100 as is), with its count when partial."""
+    if summary[m] is None:
+        return "-"
+    shown = f"{summary[m] if m == 'judge_score' else 100 * summary[m]:.1f}"
+    return shown if summary[m + "_n"] == summary["n"] else f"{shown} (n={summary[m + '_n']})"
+
+
+def render_worst(entries: list[dict], n: int) -> list[str]:
+    """The n worst entries side by side: by judge score when judged, else by ROUGE-L then F1."""
+    rows = [score_entry(e) for e in entries]
+    judged = any(r["judge_score"] is not None for r in rows)
+
+    def badness(i: int) -> tuple:  # lowest first; unjudged entries after every judged one
+        r = rows[i]
+        return (r["judge_score"] is None, r["judge_score"] or 0) if judged \
+            else (r["rouge_l"], r["token_f1"])
+    ranked = sorted(range(len(entries)), key=badness)[:n]
+    lines = [f"## {len(ranked)} worst entries (by {'judge score' if judged else 'ROUGE-L'})", "",
+             "| # | Instruction | Expected | Model response | F1 | ROUGE-L | Judge |",
+             "|---:|---|---|---|---:|---:|---:|"]
+    for i in ranked:
+        e, r = entries[i], rows[i]
+        prompt = e["instruction"] + (f"\n\n{e['input']}" if e.get("input") else "")
+        judge = "-" if r["judge_score"] is None else r["judge_score"]
+        lines.append(f"| {i} | {cell(prompt)} | {cell(e['output'])} | {cell(e['model_response'])} "
+                     f"| {100 * r['token_f1']:.0f} | {100 * r['rouge_l']:.0f} | {judge} |")
+    return lines
+
+
+def render_report(entries: list[dict], worst: int = 10, source: str = "") -> str:
+    """Markdown: what the scores mean, a table overall and per task, the entries the judge left
+    unscored (`judge_score` null), then the `worst` entries."""
+    scores = score_entries(entries)
+    unscored = [i for i, e in enumerate(entries) if "judge_score" in e and e["judge_score"] is None]
+    lines = [f"# Evaluation of {source or 'responses'}", "",
+             f"{len(entries)} entries. {SCORE_NOTES}", "",
+             "| Task | N | Exact match | Contained | Token F1 | ROUGE-L | Judge |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    groups = [("**all**", scores["overall"])]
+    if list(scores["tasks"]) != ["-"]:  # per-task rows only when the file has tasks
+        groups += list(scores["tasks"].items())
+    for name, s in groups:
+        lines.append(f"| {cell(name)} | {s['n']} | " + " | ".join(fmt(s, m) for m in METRICS)
+                     + " |")
+    if unscored:
+        lines += ["", f"Not scored by the judge ({len(unscored)}): entries "
+                  + ", ".join(map(str, unscored))]
+    if worst > 0 and entries:
+        lines += [""] + render_worst(entries, worst)
+    return "\n".join(lines) + "\n"
+
+
+# ---- LLM judge over HTTP: Ollama /api/chat, or any OpenAI-compatible /v1/chat/completions ------
+class JudgeError(OSError):
+    """The judge could not be reached or answered badly; the message names the URL."""
+
+
+DEFAULT_URLS = {"ollama": "http://localhost:11434", "openai": "https://api.openai.com/v1"}
+
+
+def judge_prompt(entry: dict) -> str:
+    return (f"Given the input `{format_input(entry)}` and the correct output `{entry['output']}`, "
+            f"score the model response `{entry['model_response']}` on a scale from 0 to 100, "
+            "where 100 is the best score. Respond with the integer number only.")
+
+
+def parse_score(reply: str) -> int | None:
+    """The first whole number from 0 to 100 in the reply (decimals such as 7.5 are skipped)."""
+    for m in re.finditer(r"\d+(?:\.\d+)?", reply):
+        if m[0].isdigit() and int(m[0]) <= 100:
+            return int(m[0])
+    return None
+
+
+def endpoint(kind: str, url: str, what: str) -> str:
+    """Full URL of "chat" or "models"; an OpenAI base URL may end in /v1 or not."""
+    base = url.rstrip("/")
+    if kind == "ollama":
+        return base + {"chat": "/api/chat", "models": "/api/tags"}[what]
+    base = base if base.endswith("/v1") else base + "/v1"
+    return base + {"chat": "/chat/completions", "models": "/models"}[what]
+
+
+def http_json(kind: str, url: str, body: dict | None, timeout: float, lines: bool = False):
+    """GET (body None) or POST JSON; the parsed reply, or a list of parsed lines if `lines`."""
+    headers = {"Content-Type": "application/json"}
+    if kind == "openai" and os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    request = urllib.request.Request(url, None if body is None else json.dumps(body).encode(),
+                                     headers)
+    try:  # timeout bounds the connect and each read, so a stalled stream fails too
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            raw = [line for line in r if line.strip()] if lines else [r.read()]
+        parsed = [json.loads(line) for line in raw]
+    except urllib.error.HTTPError as e:
+        detail = e.read(300).decode("utf-8", "replace").strip().replace("\n", " ")
+        raise JudgeError(f"judge at {url} answered HTTP {e.code}: {detail or e.reason}") from None
+    except (TimeoutError, urllib.error.URLError) as e:
+        if isinstance(e, TimeoutError) or isinstance(e.reason, TimeoutError):
+            raise JudgeError(f"judge at {url} did not answer within {timeout:g}s") from None
+        raise JudgeError(f"cannot reach the judge at {url}: {e.reason}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise JudgeError(f"bad reply from the judge at {url}: {e.__class__.__name__}") from None
+    return parsed if lines else parsed[0]
+
+
+def check_judge(kind: str, url: str, model: str, timeout: float) -> None:
+    """Fail before any scoring if the judge is not running (or, for Ollama, lacks the model)."""
+    target = endpoint(kind, url, "models")
+    reply = http_json(kind, target, None, timeout)
+    if kind == "ollama":
+        if not isinstance(reply, dict) or not isinstance(reply.get("models"), list):
+            raise JudgeError(f"judge at {target} sent a reply without the expected fields")
+        names = {m.get("name") for m in reply["models"] if isinstance(m, dict)}
+        if model not in names and f"{model}:latest" not in names:
+            raise JudgeError(f"judge at {url} has no model {model!r} (try `ollama pull {model}`)")
+
+
+def ask_judge(kind: str, url: str, model: str, prompt: str, timeout: float) -> str:
+    """One chat turn with the judge at temperature 0; returns the reply text."""
+    target, messages = endpoint(kind, url, "chat"), [{"role": "user", "content": prompt}]
+    try:
+        if kind == "openai":
+            body = {"model": model, "messages": messages, "temperature": 0}
+            return http_json(kind, target, body, timeout)["choices"][0]["message"]["content"] or ""
+        # Ollama streams one JSON object per line, each holding the next piece of the reply
+        body = {"model": model, "messages": messages, "stream": True,
+                "options": {"temperature": 0, "seed": 123}}
+        chunks = http_json(kind, target, body, timeout, lines=True)
+        errors = [c["error"] for c in chunks if "error" in c]
+        if errors:
+            raise JudgeError(f"judge at {target}: {errors[0]}")
+        return "".join(c["message"]["content"] for c in chunks if "message" in c)
+    except (KeyError, IndexError, TypeError):
+        raise JudgeError(f"judge at {target} sent a reply without the expected fields") from None
+
+
+def judge_entries(entries: list[dict], ask: Callable[[str], str],
+                  progress: bool = True) -> list[int | None]:
+    """A 0-100 score per entry, None if two replies held no number; `ask` maps prompt -> reply."""
+    scores = []
+    for i, entry in enumerate(entries, 1):
+        prompt = judge_prompt(entry)
+        score = parse_score(ask(prompt))
+        if score is None:  # one retry: servers that ignore temperature 0 may answer properly
+            score = parse_score(ask(prompt))
+        scores.append(score)
+        if progress:
+            print(f"\rjudge {i}/{len(entries)}", end="\n" if i == len(entries) else "",
+                  file=sys.stderr, flush=True)
+    return scores
+
+
+# ---- MMLU-style multiple choice, scored by the next-token logits of " A" .. " D" ---------------
+LETTERS = ("A", "B", "C", "D")
+
+
+def read_mmlu_csv(path: Path) -> list[tuple[str, list[str], str]]:
+    """(question, [A, B, C, D], answer letter) rows of one MMLU CSV file (no header row)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                if len(row) != 6 or row[5].strip().upper() not in LETTERS:
+                    got = f"answer {row[5]!r}" if len(row) == 6 else f"{len(row)} columns"
+                    raise ValueError(f"{path}:{reader.line_num}: expected question, A, B, C, D, "
+                                     f"answer letter (got {got})")
+                rows.append((row[0], row[1:5], row[5].strip().upper()))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ValueError(f"{path}: not a UTF-8 CSV file ({e.__class__.__name__})") from None
+    if not rows:
+        raise ValueError(f"{path}: no questions")
+    return rows
+
+
+def find_mmlu_subjects(root) -> dict[str, tuple[Path, Path | None]]:
+    """{subject: (test csv, dev csv or None)} from DIR/test/*_test.csv or a flat DIR/*_test.csv."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    test_dir = root / "test" if (root / "test").is_dir() else root
+    subjects = {}
+    for test in sorted(test_dir.glob("*_test.csv")):
+        subject = test.name.removesuffix("_test.csv")
+        devs = [root / "dev" / f"{subject}_dev.csv", root / f"{subject}_dev.csv"]
+        subjects[subject] = (test, next((d for d in devs if d.is_file()), None))
+    if not subjects:
+        raise FileNotFoundError(f"{root}: no *_test.csv files (in {root}/test or {root})")
+    return subjects
+
+
+def format_question(question: str, choices: list[str], answer: str = "") -> str:
+    text = question + "".join(f"\n{letter}. {c}" for letter, c in zip(LETTERS, choices))
+    return text + "\nAnswer:" + (f" {answer}\n\n" if answer else "")
+
+
+def mmlu_prompt_ids(tokenizer, subject: str, shots: list, question: tuple,
+                    max_len: int) -> list[int]:
+    """Few-shot prompt ending in "Answer:"; too long: drop shots from the end, then crop left."""
+    header = ("The following are multiple choice questions (with answers) about "
+              f"{subject.replace('_', ' ')}.\n\n")
+    for k in range(len(shots), -1, -1):
+        shown = "".join(format_question(*shot) for shot in shots[:k])
+        ids = tokenizer.encode(header + shown + format_question(*question[:2]))
+        if len(ids) <= max_len:
+            return ids
+    return ids[-max_len:]
+
+
+def mmlu_evaluate(model, tokenizer, root, context_length: int, shots: int = 5, device="cpu",
+                  progress: bool = True) -> dict[str, tuple[int, int]]:
+    """{subject: (correct, total)}; the model's answer is the letter whose token scores highest."""
+    import torch  # the only part of this file that needs it
+    letter_ids = [tokenizer.encode(f" {letter}") for letter in LETTERS]
+    assert all(len(ids) == 1 for ids in letter_ids), "' A' .. ' D' must be single tokens"
+    letter_ids = torch.tensor([ids[0] for ids in letter_ids], device=device)
+    results = {}
+    for subject, (test, dev) in find_mmlu_subjects(root).items():
+        examples = read_mmlu_csv(dev)[:shots] if dev and shots > 0 else []
+        questions, correct = read_mmlu_csv(test), 0
+        for q in questions:
+            ids = mmlu_prompt_ids(tokenizer, subject, examples, q, context_length)
+            with torch.no_grad():  # only the last position's logits matter: (1, C) -> (V,)
+                logits = model.out_head(model.hidden(torch.tensor([ids], device=device))[:, -1])[0]
+            correct += LETTERS[int(logits[letter_ids].argmax())] == q[2]
+        results[subject] = (correct, len(questions))
+        if progress:
+            print(f"mmlu {subject}: {correct}/{len(questions)}", file=sys.stderr, flush=True)
+    return results
+
+
+def render_mmlu(results: dict[str, tuple[int, int]]) -> str:
+    """Markdown accuracy per subject; overall counts every question once (micro average)."""
+    lines = ["| Subject | Questions | Accuracy |", "|---|---:|---:|"]
+    lines += [f"| {s} | {n} | {100 * c / n:.1f} |" for s, (c, n) in results.items()]
+    c, n = sum(c for c, _ in results.values()), sum(n for _, n in results.values())
+    return "\n".join(lines + [f"| **overall** | {n} | {100 * c / n:.1f} |"]) + "\n"
+
+
+# ---- command line -------------------------------------------------------------------------------
+def load_responses(path: str) -> list[dict]:
+    """Entries checked by data.load_data, each with a string `model_response` as well."""
+    entries = load_data(path)
+    for i, e in enumerate(entries):
+        if not isinstance(e.get("model_response"), str):
+            raise ValueError(f"{path}: entry {i} has no string 'model_response' "
+                             "(run train.py or generate.py first)")
+        score = e.get("judge_score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise ValueError(f"{path}: entry {i} has a non-numeric 'judge_score' {score!r}")
+    return entries
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("responses", nargs="?", help="OUT/instruction-data-with-response.json")
+    p.add_argument("--report", help="also write the report, with the worst entries, as Markdown")
+    p.add_argument("--worst", type=int, default=10, help="worst entries in --report (10)")
+    p.add_argument("--judge", choices=("ollama", "openai"), help="score with an LLM judge")
+    p.add_argument("--judge-url", help="ollama: default http://localhost:11434; openai: base URL "
+                                       "with or without /v1, default https://api.openai.com/v1")
+    p.add_argument("--judge-model", default="llama3", help="judge model name (llama3)")
+    p.add_argument("--judge-timeout", type=float, default=120.0,
+                   help="seconds to wait for the judge's next bytes (120)")
+    p.add_argument("--write-scores", action="store_true",
+                   help="store the judge's scores in the responses file as judge_score")
+    p.add_argument("--mmlu", help="MMLU-layout folder: DIR/test/*_test.csv, optional DIR/dev")
+    p.add_argument("--model-path", help="model written by train.py (OUT/model.pt), for --mmlu")
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples from the dev file (5)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = p.parse_args(argv)
+    if not args.responses and not args.mmlu:
+        p.error("give a responses file, --mmlu DIR, or both")
+    if args.mmlu and not args.model_path:
+        p.error("--mmlu needs --model-path")
+    if args.write_scores and not args.judge:
+        p.error("--write-scores needs --judge")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.responses:
+        entries = load_responses(args.responses)
+        if args.judge:
+            url = args.judge_url or DEFAULT_URLS[args.judge]
+            check_judge(args.judge, url, args.judge_model, args.judge_timeout)
+
+            def ask(prompt: str) -> str:
+                return ask_judge(args.judge, url, args.judge_model, prompt, args.judge_timeout)
+            scores = judge_entries(entries, ask, progress=not args.quiet)
+            for entry, score in zip(entries, scores):
+                entry["judge_score"] = score
+            if args.write_scores:
+                write_json(args.responses, entries)
+        print(render_report(entries, worst=0, source=args.responses), end="")
+        if args.report:
+            text = render_report(entries, args.worst, source=args.responses)
+            atomic_write_bytes(args.report, text.encode("utf-8"))
+            print(f"report written to {args.report}")
+    if args.mmlu:
+        import torch  # only --mmlu needs torch and the model
+        from gpt import load_model
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+            else args.device
+        model, cfg = load_model(args.model_path, device=device)
+        results = mmlu_evaluate(model, get_tokenizer(), args.mmlu, cfg["context_length"],
+                                args.shots, device, progress=not args.quiet)
+        print(render_mmlu(results), end="")
+
+
+if __name__ == "__main__":
+    cli_main(main, debug="--debug" in sys.argv)
