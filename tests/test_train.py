@@ -1,0 +1,181 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from collate import custom_collate_fn
+from data import InstructionDataset, get_tokenizer, load_data
+from gpt import GPTModel, load_model, model_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
+         "drop_rate": 0.0, "qkv_bias": True}
+
+
+def test_head_only_loss_equals_the_books_full_head_loss():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    inputs = torch.randint(0, 97, (3, 9))
+    targets = torch.randint(0, 97, (3, 9))
+    targets[0, 5:] = -100
+    targets[2, :4] = -100
+    book = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(train.calc_loss_batch(inputs, targets, model), book)
+    torch.testing.assert_close(train.calc_loss_batch(inputs, targets, model, full_head=True), book)
+
+
+def test_a_batch_without_targets_gives_zero_loss_not_nan():
+    model = GPTModel(SMALL)
+    inputs = torch.randint(0, 97, (2, 5))
+    targets = torch.full((2, 5), -100)
+    loss = train.calc_loss_batch(inputs, targets, model)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_fast_path_tracks_the_fp32_full_head_path_on_tiny():
+    """bf16 autocast + head-only loss stays within 2 % of the plain fp32 path for 20 steps."""
+    data = load_data(str(ROOT / "data" / "instruction-data.json"))[:160]
+    ds = InstructionDataset(data, get_tokenizer())
+    batches = [custom_collate_fn([ds[i] for i in range(j, j + 8)]) for j in range(0, 160, 8)]
+    losses = {}
+    for fast in (False, True):
+        torch.manual_seed(123)
+        model = GPTModel(model_config("tiny"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        losses[fast] = []
+        for inputs, targets in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+                loss = train.calc_loss_batch(inputs, targets, model, full_head=not fast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[fast].append(loss.item())
+    for plain, fast in zip(losses[False], losses[True]):
+        assert abs(fast - plain) / plain < 0.02
+
+
+def run_train(tmp_path, *extra, data=None, check=True, **kw):
+    data = data or write_slice(tmp_path, 60)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data", str(data),
+           "--batch-size", "4", "--out-dir", str(tmp_path / "out"), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, **kw)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def write_slice(tmp_path, n):
+    path = tmp_path / "slice.json"
+    entries = load_data(str(ROOT / "data" / "instruction-data.json"))[:n]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_end_to_end_tiny_run_writes_every_output(tmp_path):
+    result = run_train(tmp_path, "--max-steps", "6", "--eval-every", "2", "--max-new-tokens", "8")
+    out = tmp_path / "out"
+    assert "settings: model tiny" in result.stdout and "reached --max-steps 6" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [0, 2, 4, 6]
+    assert metrics["stop_reason"] == "reached --max-steps 6" and metrics["steps"] == 6
+    assert metrics["best_val_loss"] == min(h["val_loss"] for h in metrics["history"])
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    assert len(responses) == 6  # 10 % of 60
+    assert all(isinstance(r["model_response"], str) and "answer" in r for r in responses)
+    model, cfg = load_model(out / "model.pt")
+    assert cfg["name"] == "tiny" and cfg["prompt_style"] == "alpaca"
+    if "loss-plot.png skipped" not in result.stdout:
+        assert (out / "loss-plot.png").read_bytes()[:4] == b"\x89PNG"
+    leftovers = [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".part"))]
+    assert leftovers == []
+
+
+def test_early_stopping_when_validation_never_improves(tmp_path):
+    result = run_train(tmp_path, "--lr", "0", "--eval-every", "1", "--patience", "2",
+                       "--no-generate")
+    assert "early stop at step 2" in result.stdout
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["best_step"] == 0 and metrics["steps"] == 2
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
+    common = ["--epochs", "2", "--eval-every", "2", "--no-generate", "--patience", "0"]
+    full = run_train(tmp_path / "a", *common, data=write_slice(tmp_path, 60))
+    reference = json.loads((tmp_path / "a" / "out" / "metrics.json").read_text())["history"]
+
+    data = write_slice(tmp_path, 60)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data", str(data),
+           "--batch-size", "4", "--out-dir", str(tmp_path / "b"), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:  # interrupt once the run is a few steps in
+        if line.startswith("ep") and " step     4/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [h["step"] for h in reference]
+    for got, want in zip(history, reference):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert full.returncode == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-length", "300"], "larger than tiny's context length 256"),
+    (["--lr", "1e30", "--eval-every", "100"], "loss became"),
+])
+def test_bad_settings_exit_2_with_one_line(tmp_path, extra, message):
+    result = run_train(tmp_path, *extra, "--no-generate", check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_data_exits_2_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = run_train(tmp_path, data=bad, check=False)
+    assert result.returncode == 2 and "bad.json" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not any((tmp_path / "out").glob("*"))
+
+
+def test_unwritable_out_dir_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--out-dir", str(blocker / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "cannot write to --out-dir" in result.stderr
+
+
+def test_resume_with_a_checkpoint_of_another_model_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    other = GPTModel(SMALL)
+    opt = torch.optim.AdamW(other.parameters())
+    train.save_checkpoint(out / "checkpoint.pt", other, opt, train.RunState(), {},
+                          dict(SMALL, name="small-test"))
+    result = run_train(tmp_path, "--resume", check=False)
+    assert result.returncode == 2 and "checkpoint is for another model" in result.stderr
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                            text=True, cwd=ROOT, env=dict(os.environ, COLUMNS="200"))
+    for flag in ("--model", "--weights", "--data", "--prompt-style", "--mask-prompt", "--epochs",
+                 "--max-steps", "--batch-size", "--lr", "--weight-decay", "--eval-every",
+                 "--eval-batches", "--patience", "--max-length", "--precision", "--device",
+                 "--seed", "--out-dir", "--save-every", "--resume", "--no-generate"):
+        assert flag in result.stdout

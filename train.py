@@ -1,0 +1,431 @@
+"""Instruction fine-tuning of GPT-2: the project's main job (`python train.py --help`).
+
+Reads the data, loads a pretrained model (or starts `tiny` from scratch), trains while tracking
+training and validation loss, stops early when validation stops improving, restores the best
+weights, then writes the test-set responses, the model, metrics and a loss plot to --out-dir.
+Book names: `calc_loss_batch`, `calc_loss_loader`, `evaluate_model`, `plot_losses`.
+"""
+import argparse
+import io
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from collate import make_loader
+from data import (InstructionDataset, atomic_write_bytes, cli_main, format_input, get_tokenizer,
+                  load_data, response_header, split_data, write_json)
+from generate import generate_responses, pick_device
+from gpt import MODEL_NAMES, GPTModel, download_gpt2, load_weights, model_config, read_checkpoint, \
+    save_model
+
+DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
+BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
+                     eval_batches=5, patience=20, max_length=1024)
+# Training from scratch needs more epochs and a higher learning rate than fine-tuning.
+TINY_DEFAULTS = dict(epochs=20, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=50,
+                     eval_batches=5, patience=6, max_length=256)
+
+
+# ---- loss ----------------------------------------------------------------------------------
+def calc_loss_batch(input_batch, target_batch, model, full_head=False):
+    """Mean cross-entropy over the targets that are not -100.
+
+    The output head runs only on positions that have a target: padding and masked prompt
+    positions never pay for the 50257-wide projection. `full_head=True` is the book's way
+    (logits everywhere, then ignore_index), kept as the reference. A batch with no targets
+    gives 0.0 instead of NaN (its gradient is zero, and the caller skips the step).
+    """
+    if full_head:
+        logits = model(input_batch)
+        return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten(),
+                               ignore_index=-100)
+    keep = target_batch != -100
+    logits = model.out_head(model.hidden(input_batch)[keep])  # (n_targets, vocab)
+    loss = F.cross_entropy(logits.float(), target_batch[keep], reduction="sum")
+    return loss / max(int(keep.sum()), 1)
+
+
+def calc_loss_loader(data_loader, model, num_batches=None, autocast=None) -> float:
+    """Average batch loss over the first `num_batches` batches (all when None), as the book."""
+    total, count = 0.0, 0
+    for i, (inputs, targets) in enumerate(data_loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        with autocast():
+            total += calc_loss_batch(inputs, targets, model).item()
+        count += 1
+    return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def evaluate_model(model, train_loader, val_loader, eval_iter, autocast) -> tuple[float, float]:
+    model.eval()
+    train_loss = calc_loss_loader(train_loader, model, eval_iter, autocast)
+    val_loss = calc_loss_loader(val_loader, model, eval_iter, autocast)
+    model.train()
+    return train_loss, val_loss
+
+
+# ---- the run's state: everything a checkpoint needs to continue exactly ----------------------
+@dataclass
+class RunState:
+    epoch: int = 0            # current epoch (0-based)
+    batch: int = 0            # batches already done in the current epoch
+    step: int = 0             # optimizer steps done
+    tokens_seen: int = 0      # target tokens trained on
+    best_val: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+    history: list = field(default_factory=list)  # one dict per evaluation
+
+
+def save_checkpoint(path, model, optimizer, state: RunState, best_weights, cfg) -> None:
+    ckpt = {"format": "gpt2-instruct-checkpoint", "config": cfg, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "state": asdict(state),
+            "best_weights": best_weights, "torch_rng": torch.get_rng_state()}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
+    ckpt = read_checkpoint(path)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct-checkpoint"):
+        raise ValueError(f"{path}: not a training checkpoint of this project")
+    model_keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+    if any(ckpt["config"].get(k) != cfg[k] for k in model_keys):
+        raise ValueError(f"{path}: checkpoint is for another model ({ckpt['config'].get('name')}, "
+                         f"{ckpt['config']['n_layers']} layers); this run is {cfg.get('name')}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return RunState(**ckpt["state"]), ckpt["best_weights"]
+
+
+def copy_weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- the training loop ---------------------------------------------------------------------
+class StopRequested:
+    """Ctrl-C sets a flag that the loop checks between steps, so a checkpoint is always consistent."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to abort now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class Interrupted(Exception):
+    """Ctrl-C between two steps: the state is consistent and can be checkpointed."""
+
+
+def train_model(model, optimizer, train_loader, val_loader, args, state: RunState, best: dict,
+                autocast, on_epoch_end, on_save, log=print) -> tuple[str, dict]:
+    """Train until the epochs, --max-steps or patience run out; returns (stop reason, best weights).
+
+    Evaluates every `args.eval_every` steps (before the first step and after the last too),
+    keeps the weights of the best validation loss, and calls `on_save(state, best)` every
+    `args.save_every` steps and `on_epoch_end(state, best)` after each epoch.
+    """
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    model.train()
+    start, start_step = time.perf_counter(), state.step
+    start_tokens = state.tokens_seen
+
+    def evaluate():
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader,
+                                              args.eval_batches, autocast)
+        elapsed = time.perf_counter() - start
+        done = state.step - start_step
+        rate = (state.tokens_seen - start_tokens) / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (total_steps - state.step) if done else 0.0
+        state.history.append({"step": state.step, "epoch": state.step / steps_per_epoch,
+                              "tokens": state.tokens_seen, "train_loss": train_loss,
+                              "val_loss": val_loss})
+        improved = val_loss < state.best_val
+        if improved:
+            state.best_val, state.best_step, state.evals_since_best = val_loss, state.step, 0
+        else:
+            state.evals_since_best += 1
+        log(f"ep {state.epoch + 1} step {state.step:5d}/{total_steps} | tokens {state.tokens_seen:,} "
+            f"| train {train_loss:.3f} val {val_loss:.3f}{' *' if improved else ''} "
+            f"| {rate:,.0f} tok/s | ETA {format_duration(eta)}")
+        return improved
+
+    if not state.history:
+        evaluate()
+    reason = None
+    with StopRequested() as stop:
+        while state.epoch < args.epochs and reason is None:
+            train_loader.batch_sampler.set_epoch(state.epoch)
+            for i, (inputs, targets) in enumerate(train_loader):
+                if i < state.batch:  # resuming: these batches were trained on already
+                    continue
+                n_targets = int((targets != -100).sum())
+                with autocast():
+                    loss = calc_loss_batch(inputs, targets, model, args.full_head)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"loss became {loss.item()} at step {state.step + 1}; "
+                                             f"the last good checkpoint is kept (try a lower --lr)")
+                optimizer.zero_grad(set_to_none=True)
+                if n_targets:  # an all-masked batch carries no signal
+                    loss.backward()
+                    optimizer.step()
+                state.step, state.batch = state.step + 1, i + 1
+                state.tokens_seen += n_targets
+                if state.step % args.eval_every == 0 and evaluate():
+                    best = copy_weights(model)
+                if args.save_every and state.step % args.save_every == 0:
+                    on_save(state, best)
+                if stop.requested:
+                    raise Interrupted(f"interrupted at step {state.step}")
+                if args.patience and state.evals_since_best >= args.patience:
+                    reason = (f"early stop at step {state.step}: no new best validation loss "
+                              f"in {args.patience} evaluations")
+                elif args.max_steps and state.step >= args.max_steps:
+                    reason = f"reached --max-steps {args.max_steps}"
+                if reason:
+                    break
+            else:
+                state.epoch, state.batch = state.epoch + 1, 0
+                on_epoch_end(state, best)
+    if state.history[-1]["step"] != state.step and evaluate():
+        best = copy_weights(model)
+    return reason or f"completed {args.epochs} epochs", best
+
+
+# ---- setting up a run ----------------------------------------------------------------------
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware multiplies bf16 natively; master weights stay fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fill_defaults(args) -> argparse.Namespace:
+    """Unset flags take the book's values, or the tiny demo's own when training from scratch."""
+    defaults = TINY_DEFAULTS if args.model == "tiny" else BOOK_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build_model(args, log=print) -> tuple[GPTModel, dict]:
+    cfg = dict(model_config(args.model), name=args.model, prompt_style=args.prompt_style)
+    if args.max_length > cfg["context_length"]:
+        raise ValueError(f"--max-length {args.max_length} is larger than {args.model}'s context "
+                         f"length {cfg['context_length']}")
+    torch.manual_seed(args.seed)
+    model = GPTModel(cfg)
+    if args.weights or (args.model != "tiny" and not args.resume):
+        path = args.weights or download_gpt2(args.model)
+        log(f"loading weights from {path}")
+        load_weights(model, path)
+    return model, cfg
+
+
+def prepare_loaders(args, data, tokenizer, device, log=print):
+    train_data, val_data, test_data = split_data(data)
+    log(f"data: {len(train_data)} train / {len(val_data)} validation / {len(test_data)} test")
+    loaders = []
+    for part, is_train in ((train_data, True), (val_data, False)):
+        dataset = InstructionDataset(part, tokenizer, style=args.prompt_style)
+        too_long = sum(n > args.max_length + 1 for n in dataset.lengths)  # +1: collate's eot
+        if too_long:
+            log(f"warning: {too_long} {'training' if is_train else 'validation'} entries are longer "
+                f"than --max-length {args.max_length} tokens and are cut to it")
+        loaders.append(make_loader(dataset, args.batch_size, shuffle=is_train, drop_last=is_train,
+                                   seed=args.seed, mask_prompt=args.mask_prompt,
+                                   allowed_max_length=args.max_length,
+                                   group_by_length=not args.no_length_grouping, device=device))
+    return loaders, (train_data, val_data, test_data)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before training, not after it, when results could not be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
+
+
+# ---- outputs -------------------------------------------------------------------------------
+def sample_response(model, entry, tokenizer, style, max_new_tokens=35) -> str:
+    """The book's per-epoch check: the model's answer to one validation prompt."""
+    return generate_responses(model, [entry], tokenizer, style=style,
+                              max_new_tokens=max_new_tokens, batch_size=1)[0]
+
+
+def plot_losses(history: list, path: Path) -> bool:
+    """Train and validation loss against epochs, tokens seen on a second axis (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="Training loss")
+    ax1.plot(epochs, [h["val_loss"] for h in history], linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax2 = ax1.twiny()  # same curves, read against tokens seen
+    ax2.plot([h["tokens"] for h in history], [h["train_loss"] for h in history], alpha=0)
+    ax2.set_xlabel("Target tokens seen")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+# ---- command line --------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small",
+                   help="preset (gpt2-small); 'tiny' trains from scratch offline, others load GPT-2 weights")
+    p.add_argument("--weights", help="local model.safetensors (or .pt state dict); no download")
+    p.add_argument("--data", default=DEFAULT_DATA, help="instruction data: JSON file or http(s) URL")
+    p.add_argument("--prompt-style", choices=("alpaca", "phi3"), default="alpaca",
+                   help="prompt format (alpaca)")
+    p.add_argument("--mask-prompt", action="store_true",
+                   help="learn only the response: prompt targets become -100")
+    p.add_argument("--epochs", type=int, help="passes over the training split (book: 2; tiny: 20)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--batch-size", type=int, help="entries per step (8)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (book: 5e-5; tiny: 1e-3)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.1)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (book: 5; tiny: 50)")
+    p.add_argument("--eval-batches", type=int, help="batches per loss estimate (5)")
+    p.add_argument("--patience", type=int,
+                   help="stop after N evaluations without a new best validation loss (0: never)")
+    p.add_argument("--max-length", type=int,
+                   help="cut training rows to N tokens (default: the model's context length)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the hardware does it fast; or force one")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="where to train (auto: cuda, then mps, then cpu)")
+    p.add_argument("--seed", type=int, default=123, help="seed for initialisation and shuffling (123)")
+    p.add_argument("--out-dir", default="out", help="where outputs and checkpoints go (out)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write a checkpoint every N steps (0: only at epoch ends and Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit for the test set (256)")
+    p.add_argument("--full-head", action="store_true",
+                   help="run the output head on every position, as the book (slower)")
+    p.add_argument("--no-length-grouping", action="store_true",
+                   help="plain shuffled batches instead of length-grouped ones (slower)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    return fill_defaults(p.parse_args(argv))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    log = (lambda *a, **k: None) if args.quiet else print
+    out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
+    check_out_dir(out_dir)
+    data = load_data(args.data)
+    tokenizer = get_tokenizer()
+    model, cfg = build_model(args, log)
+    model.to(device)
+    bf16 = use_bf16(args.precision, device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    (train_loader, val_loader), (_, val_data, test_data) = prepare_loaders(args, data, tokenizer,
+                                                                           device, log)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    state, best = RunState(), None
+    ckpt_path = out_dir / "checkpoint.pt"
+    if args.resume:
+        state, best = load_checkpoint(ckpt_path, model, optimizer, cfg)
+        log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
+    log(f"settings: model {args.model}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
+        f"weight decay {args.weight_decay}, eval every {args.eval_every} steps over "
+        f"{args.eval_batches} batches, patience {args.patience}, max length {args.max_length}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'} on {device}, seed {args.seed}")
+    trained = torch.compile(model) if args.compile else model
+
+    def save(state, best):
+        save_checkpoint(ckpt_path, model, optimizer, state, best, cfg)
+
+    def epoch_end(state, best):
+        log(f"epoch {state.epoch} sample: "
+            f"{sample_response(model, val_data[0], tokenizer, args.prompt_style)!r}")
+        model.train()
+        save(state, best)
+
+    start = time.perf_counter()
+    try:
+        reason, best = train_model(trained, optimizer, train_loader, val_loader, args, state,
+                                   best or copy_weights(model), autocast, epoch_end, save, log)
+    except Interrupted as stop:
+        save(state, best or copy_weights(model))
+        print(f"{stop}; checkpoint written to {ckpt_path}; continue with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    train_seconds = time.perf_counter() - start
+    model.load_state_dict(best)
+    log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
+        f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
+    save_model(model, cfg, out_dir / "model.pt")
+
+    generate_seconds = 0.0
+    if not args.no_generate:
+        start = time.perf_counter()
+        log(f"generating responses for {len(test_data)} test entries")
+        responses = generate_responses(model.eval(), test_data, tokenizer, style=args.prompt_style,
+                                       max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+        generate_seconds = time.perf_counter() - start
+        write_json(out_dir / "instruction-data-with-response.json",
+                   [dict(e, model_response=r) for e, r in zip(test_data, responses)])
+    write_json(out_dir / "metrics.json", {
+        "settings": {k: v for k, v in vars(args).items()}, "model_config": cfg,
+        "history": state.history, "best_step": state.best_step, "best_val_loss": state.best_val,
+        "stop_reason": reason, "steps": state.step, "target_tokens_seen": state.tokens_seen,
+        "train_seconds": train_seconds, "generate_seconds": generate_seconds,
+        "target_tokens_per_second": state.tokens_seen / train_seconds if train_seconds else 0.0})
+    if not plot_losses(state.history, out_dir / "loss-plot.png"):
+        log("loss-plot.png skipped: pip install matplotlib to get the plot")
+    log(f"outputs written to {out_dir}/")
+
+
+if __name__ == "__main__":
+    cli_main(main, debug="--debug" in sys.argv)
