@@ -50,15 +50,12 @@ def test_fast_path_tracks_the_fp32_full_head_path_on_tiny():
     for fast in (False, True):
         torch.manual_seed(123)
         model = GPTModel(model_config("tiny"))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
         losses[fast] = []
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast)  # noqa: E731
         for inputs, targets in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-                loss = train.calc_loss_batch(inputs, targets, model, full_head=not fast)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses[fast].append(loss.item())
+            loss, _ = train.train_step(model, opt, inputs, targets, autocast, full_head=not fast)
+            losses[fast].append(loss)
     for plain, fast in zip(losses[False], losses[True]):
         assert abs(fast - plain) / plain < 0.02
 
