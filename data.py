@@ -137,8 +137,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # name the file asked for, not the temporary one
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -249,6 +251,12 @@ def entry_problem(entry, require_output: bool = True) -> str | None:
             return f"field {key!r} is a {type(entry[key]).__name__}, not a string"
         if key != "input" and not entry[key].strip():
             return f"field {key!r} is empty or only whitespace"
+    try:  # JSON can escape half of a UTF-16 pair ("\ud83d"); no output file could hold it
+        json.dumps(entry, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+    except RecursionError:
+        return "is nested too deeply"
     return None
 
 
@@ -262,6 +270,8 @@ def parse_entries(raw: bytes, require_output: bool = True) -> list[dict]:
         raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise ValueError("not valid JSON (a number too long to read)") from None
     if not isinstance(data, list):
         raise ValueError(f"expected a JSON list of entries, got a {type(data).__name__}")
     if not data:
@@ -277,7 +287,8 @@ def load_data(source: str, require_output: bool = True, cache_dir=None) -> list[
     cache). Invalid data raises ValueError naming the source and the first bad entry's index."""
     is_url = urlparse(source).scheme in ("http", "https")
     path = cached_path(source, cache_dir) if is_url else Path(source)
-    if is_url and not path.exists():
+    fresh = is_url and not path.exists()
+    if fresh:
         download(source, path, progress=False)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {source}")
@@ -288,6 +299,8 @@ def load_data(source: str, require_output: bool = True, cache_dir=None) -> list[
     except ValueError as e:
         if is_url:
             path.unlink(missing_ok=True)  # a bad cached copy is never used again
+            if not fresh:  # damaged since it was downloaded: fetch it once more
+                return load_data(source, require_output, cache_dir)
         raise ValueError(f"{source}: {e}") from None
 
 

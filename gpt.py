@@ -192,7 +192,7 @@ MAX_HEADER_BYTES = 100 * 2**20  # real GPT-2 headers are ~15 KB; refuse to alloc
 def _check_header_entry(name: str, info, data_size: int) -> tuple[torch.dtype, list, int, int]:
     if not isinstance(info, dict):
         raise ValueError(f"tensor {name!r}: header entry is not an object")
-    if info.get("dtype") not in SAFETENSORS_DTYPES:
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
     dtype = SAFETENSORS_DTYPES[info["dtype"]]
     shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -221,15 +221,18 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise ValueError(f"{path}: header of {n} bytes does not fit in a {size}-byte "
                              f"file (not safetensors, or truncated)")
-        try:
+        try:  # ValueError covers bad UTF-8, bad JSON and integers too long to convert
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: header is not valid JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{path}: header is not a JSON object")
         header.pop("__metadata__", None)
-        entries = {name: _check_header_entry(name, info, size - 8 - n)
-                   for name, info in header.items()}
+        try:
+            entries = {name: _check_header_entry(name, info, size - 8 - n)
+                       for name, info in header.items()}
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
         for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
             if begin_b < end_a:
@@ -272,7 +275,7 @@ def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[s
         name = hf_to_gpt_name(hf_name)
         if name is None:
             continue
-        if re.search(r"\.(qkv|out_proj|fc|proj)\.weight$", name):
+        if tensor.dim() == 2 and re.search(r"\.(qkv|out_proj|fc|proj)\.weight$", name):
             tensor = tensor.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
         if name in state:
             raise ValueError(f"tensor {hf_name!r} appears twice (with and without 'transformer.')")
@@ -294,7 +297,11 @@ def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[s
 
 def load_gpt2(model: GPTModel, path) -> GPTModel:
     """Load a Hugging Face GPT-2 `model.safetensors` into a model built from the matching preset."""
-    state = gpt2_state_dict(read_safetensors(path), model)
+    tensors = read_safetensors(path)
+    try:
+        state = gpt2_state_dict(tensors, model)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     with torch.no_grad():
         model.load_state_dict(state)
     return model
@@ -343,25 +350,40 @@ def load_model(path, device="cpu") -> tuple[GPTModel, dict]:
     ckpt = read_checkpoint(path)
     if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct"):
         raise ValueError(f"{path}: not a model saved by this project (no gpt2-instruct header)")
-    cfg = ckpt["config"]
+    cfg, state = ckpt.get("config"), ckpt.get("state_dict")
+    if not (isinstance(state, dict) and valid_config(cfg) and cfg["n_layers"] <= len(state)):
+        raise ValueError(f"{path}: its config or state dict is missing or malformed")
+    with torch.device("meta"):  # shapes only: a wrong config must not allocate a huge model
+        check_state(GPTModel(cfg).state_dict(), state, path)
     model = GPTModel(cfg)
-    load_state(model, ckpt["state_dict"], path)
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg
 
 
+def valid_config(cfg) -> bool:
+    """True if GPTModel can build `cfg`: positive int sizes, heads that divide the width."""
+    sizes = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+    return (isinstance(cfg, dict) and all(type(cfg.get(k)) is int and cfg[k] > 0 for k in sizes)
+            and cfg["emb_dim"] % cfg["n_heads"] == 0 and type(cfg.get("qkv_bias")) is bool
+            and type(cfg.get("drop_rate")) in (int, float) and 0 <= cfg["drop_rate"] < 1)
+
+
 def load_state(model: GPTModel, state: dict, source) -> None:
-    """load_state_dict with a one-line ValueError naming the first missing or mismatched tensor."""
-    expected = model.state_dict()
+    check_state(model.state_dict(), state, source)
+    model.load_state_dict(state)
+
+
+def check_state(expected: dict, state: dict, source) -> None:
+    """A one-line ValueError naming the first missing, mismatched or unexpected tensor."""
     for name, tensor in expected.items():
         if not isinstance(state.get(name), torch.Tensor):
             raise ValueError(f"{source}: missing tensor {name!r}")
         if state[name].shape != tensor.shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                              f"the model wants {tuple(tensor.shape)}")
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(set(state) - set(expected), key=str)  # keys of a foreign file may not be str
     if extra:
         raise ValueError(f"{source}: unexpected tensor {extra[0]!r}")
-    model.load_state_dict(state)
 
 
 def load_weights(model: GPTModel, path) -> GPTModel:
