@@ -1,4 +1,4 @@
-"""Instruction fine-tuning of GPT-2: the project's main job (`python train.py --help`).
+"""Instruction fine-tuning of GPT-2: the project's main job.
 
 Reads the data, loads a pretrained model (or starts `tiny` from scratch), trains while tracking
 training and validation loss, stops early when validation stops improving, restores the best
@@ -21,14 +21,14 @@ from collate import make_loader
 from data import (InstructionDataset, atomic_write_bytes, cli_main, format_input, get_tokenizer,
                   load_data, response_header, split_data, write_json)
 from generate import generate_responses, pick_device
-from gpt import MODEL_NAMES, GPTModel, download_gpt2, load_weights, model_config, read_checkpoint, \
-    save_model
+from gpt import MODEL_NAMES, GPTModel, download_gpt2, load_state, load_weights, model_config, \
+    read_checkpoint, save_model
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
 BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
                      eval_batches=5, patience=20, max_length=1024)
 # Training from scratch needs more epochs and a higher learning rate than fine-tuning.
-TINY_DEFAULTS = dict(epochs=20, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=50,
+TINY_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=50,
                      eval_batches=5, patience=6, max_length=256)
 
 
@@ -121,14 +121,18 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
     ckpt = read_checkpoint(path)
     if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct-checkpoint"):
         raise ValueError(f"{path}: not a training checkpoint of this project")
+    saved = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
     model_keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-    if any(ckpt["config"].get(k) != cfg[k] for k in model_keys):
-        raise ValueError(f"{path}: checkpoint is for another model ({ckpt['config'].get('name')}, "
-                         f"{ckpt['config']['n_layers']} layers); this run is {cfg.get('name')}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    return RunState(**ckpt["state"]), ckpt["best_weights"]
+    if any(saved.get(k) != cfg[k] for k in model_keys):
+        raise ValueError(f"{path}: checkpoint is for another model ({saved.get('name')}, "
+                         f"{saved.get('n_layers')} layers); this run is {cfg.get('name')}")
+    try:
+        load_state(model, ckpt["model"], path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return RunState(**ckpt["state"]), ckpt["best_weights"]
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: damaged training checkpoint ({type(e).__name__}: {e})") from None
 
 
 def copy_weights(model) -> dict:
@@ -162,7 +166,11 @@ def format_duration(seconds: float) -> str:
 
 
 class Interrupted(Exception):
-    """Ctrl-C between two steps: the state is consistent and can be checkpointed."""
+    """Ctrl-C between two steps: the state is consistent and can be checkpointed with `best`."""
+
+    def __init__(self, message: str, best: dict):
+        super().__init__(message)
+        self.best = best
 
 
 def train_model(model, optimizer, train_loader, val_loader, args, state: RunState, best: dict,
@@ -196,7 +204,7 @@ def train_model(model, optimizer, train_loader, val_loader, args, state: RunStat
             state.best_val, state.best_step, state.evals_since_best = val_loss, state.step, 0
         else:
             state.evals_since_best += 1
-        log(f"ep {state.epoch + 1} step {state.step:5d}/{total_steps} | tokens {state.tokens_seen:,} "
+        log(f"ep {min(state.epoch + 1, args.epochs)} step {state.step:5d}/{total_steps} | tokens {state.tokens_seen:,} "
             f"| train {train_loss:.3f} val {val_loss:.3f}{' *' if improved else ''} "
             f"| {rate:,.0f} tok/s | ETA {format_duration(eta)}")
         return improved
@@ -222,7 +230,7 @@ def train_model(model, optimizer, train_loader, val_loader, args, state: RunStat
                 if args.save_every and state.step % args.save_every == 0:
                     on_save(state, best)
                 if stop.requested:
-                    raise Interrupted(f"interrupted at step {state.step}")
+                    raise Interrupted(f"interrupted at step {state.step}", best)
                 if args.patience and state.evals_since_best >= args.patience:
                     reason = (f"early stop at step {state.step}: no new best validation loss "
                               f"in {args.patience} evaluations")
@@ -277,7 +285,7 @@ def prepare_loaders(args, data, tokenizer, device, log=print):
     loaders = []
     for part, is_train in ((train_data, True), (val_data, False)):
         dataset = InstructionDataset(part, tokenizer, style=args.prompt_style)
-        too_long = sum(n > args.max_length + 1 for n in dataset.lengths)  # +1: collate's eot
+        too_long = sum(n > args.max_length for n in dataset.lengths)
         if too_long:
             log(f"warning: {too_long} {'training' if is_train else 'validation'} entries are longer "
                 f"than --max-length {args.max_length} tokens and are cut to it")
@@ -334,7 +342,8 @@ def plot_losses(history: list, path: Path) -> bool:
 
 # ---- command line --------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 (or train the tiny preset from scratch) "
+                                "to follow instructions.")
     p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small",
                    help="preset (gpt2-small); 'tiny' trains from scratch offline, others load GPT-2 weights")
     p.add_argument("--weights", help="local model.safetensors (or .pt state dict); no download")
@@ -343,7 +352,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt format (alpaca)")
     p.add_argument("--mask-prompt", action="store_true",
                    help="learn only the response: prompt targets become -100")
-    p.add_argument("--epochs", type=int, help="passes over the training split (book: 2; tiny: 20)")
+    p.add_argument("--epochs", type=int, help="passes over the training split (book: 2; tiny: 15)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     p.add_argument("--batch-size", type=int, help="entries per step (8)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (book: 5e-5; tiny: 1e-3)")
@@ -414,7 +423,7 @@ def main(argv=None) -> None:
         reason, best = train_model(trained, optimizer, train_loader, val_loader, args, state,
                                    best or copy_weights(model), autocast, epoch_end, save, log)
     except Interrupted as stop:
-        save(state, best or copy_weights(model))
+        save(state, stop.best)
         print(f"{stop}; checkpoint written to {ckpt_path}; continue with --resume",
               file=sys.stderr)
         sys.exit(130)

@@ -128,6 +128,10 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     assert full.returncode == 0
+    final_a, _ = load_model(tmp_path / "a" / "out" / "model.pt")
+    final_b, _ = load_model(tmp_path / "b" / "model.pt")  # the best weights survived the restart
+    for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.parametrize("extra,message", [
