@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -209,37 +210,53 @@ def _check_header_entry(name: str, info, data_size: int) -> tuple[torch.dtype, l
     return dtype, shape, offsets[0], offsets[1]
 
 
+def read_safetensors_header(f, path: Path) -> tuple[int, dict]:
+    """Header checks on an open file: (data start, {name: (dtype, shape, begin, end)})."""
+    size = path.stat().st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a safetensors file (truncated, {size} bytes)")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise ValueError(f"{path}: header of {n} bytes does not fit in a {size}-byte "
+                         f"file (not safetensors, or truncated)")
+    try:  # ValueError covers bad UTF-8, bad JSON and integers too long to convert
+        header = json.loads(f.read(n))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    try:
+        entries = {name: _check_header_entry(name, info, size - 8 - n)
+                   for name, info in header.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap")
+    return 8 + n, entries
+
+
+def check_safetensors_complete(path) -> None:
+    """ValueError unless the header is sound and its tensors end exactly where the file does."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        start, entries = read_safetensors_header(f, path)
+    end = max((e for _, _, _, e in entries.values()), default=0)
+    if start + end != path.stat().st_size:
+        raise ValueError(f"{path}: tensors end at byte {start + end} of {path.stat().st_size}")
+
+
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """Read every tensor of a .safetensors file, checking the header against the file first."""
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (truncated, {size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ValueError(f"{path}: header of {n} bytes does not fit in a {size}-byte "
-                             f"file (not safetensors, or truncated)")
-        try:  # ValueError covers bad UTF-8, bad JSON and integers too long to convert
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as e:
-            raise ValueError(f"{path}: header is not valid JSON ({e.__class__.__name__})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: header is not a JSON object")
-        header.pop("__metadata__", None)
-        try:
-            entries = {name: _check_header_entry(name, info, size - 8 - n)
-                       for name, info in header.items()}
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
-        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
-            if begin_b < end_a:
-                raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap")
+        start, entries = read_safetensors_header(f, path)
         tensors = {}
         for name, (dtype, shape, begin, end) in entries.items():
-            f.seek(8 + n + begin)
+            f.seek(start + begin)
             buf = bytearray(end - begin)
             if f.readinto(buf) != len(buf):
                 raise ValueError(f"{path}: file ends inside tensor {name!r}")
@@ -317,7 +334,12 @@ def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path
         raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(HF_NAMES)}")
     dest = Path(cache_dir or cache_root()) / HF_NAMES[name] / "model.safetensors"
     if dest.exists():
-        return dest
+        try:
+            check_safetensors_complete(dest)
+            return dest
+        except ValueError as e:  # damaged after it was downloaded: never used, fetched again
+            print(f"warning: {e}; downloading it again", file=sys.stderr)
+            dest.unlink()
     try:
         return download(gpt2_url(name), dest)
     except OSError as e:

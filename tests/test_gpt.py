@@ -240,7 +240,7 @@ def test_download_gpt2_offline_names_both_ways_forward(tmp_path, monkeypatch):
 def test_download_gpt2_uses_a_cached_file_without_network(tmp_path, monkeypatch):
     dest = tmp_path / "gpt2" / "model.safetensors"
     dest.parent.mkdir()
-    dest.write_bytes(b"x")
+    dest.write_bytes(safetensors_bytes(hf_gpt2_tensors(SMALL)))
     monkeypatch.setattr(gpt, "download", lambda *a, **k: pytest.fail("network used"))
     assert gpt.download_gpt2("gpt2-small", cache_dir=tmp_path) == dest
 

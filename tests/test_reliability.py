@@ -227,16 +227,23 @@ def test_resume_from_another_preset_names_both(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing loaded
 
 
-def test_truncated_cached_gpt2_file_is_never_used(tmp_path, monkeypatch):
-    """download_gpt2 trusts a cached file that exists (download() only renames complete files);
-    a cache damaged later is refused by the reader with a message naming it."""
+def test_truncated_cached_gpt2_file_is_never_used_but_fetched_again(tmp_path, monkeypatch, capsys):
     dest = tmp_path / "gpt2" / "model.safetensors"
     dest.parent.mkdir()
-    dest.write_bytes(safetensors_bytes(hf_gpt2_tensors(SMALL))[:-1000])
-    monkeypatch.setattr(gpt, "download", lambda *a, **k: pytest.fail("network used"))
+    good = safetensors_bytes(hf_gpt2_tensors(SMALL))
+    dest.write_bytes(good[:-1000])
+    fetched = []
+
+    def fake_download(url, path, **kw):  # stands in for the network; records what was asked
+        assert not path.exists()  # the damaged file is gone before the new download starts
+        fetched.append(url)
+        path.write_bytes(good)
+        return path
+    monkeypatch.setattr(gpt, "download", fake_download)
     path = gpt.download_gpt2("gpt2-small", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=re.escape(f"{dest}: ") + ".*truncated"):
-        load_weights(GPTModel(SMALL), path)
+    assert fetched == [gpt.gpt2_url("gpt2-small")] and path.read_bytes() == good
+    assert "downloading it again" in capsys.readouterr().err
+    load_weights(GPTModel(SMALL), path)
 
 
 # ---- downloads: a server that can cut the body short ---------------------------------------------
