@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from collate import make_loader
-from data import (InstructionDataset, atomic_write_bytes, cli_main, format_input, get_tokenizer,
-                  load_data, response_header, split_data, write_json)
+from data import (InstructionDataset, atomic_write_bytes, cli_main, get_tokenizer, load_data,
+                  split_data, write_json)
 from generate import generate_responses, pick_device
-from gpt import MODEL_NAMES, GPTModel, download_gpt2, load_state, load_weights, model_config, \
-    read_checkpoint, save_model
+from gpt import (MODEL_NAMES, GPTModel, download_gpt2, load_state, load_weights, model_config,
+                 read_checkpoint, save_model)
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
 BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
@@ -51,7 +52,7 @@ def calc_loss_batch(input_batch, target_batch, model, full_head=False):
     return loss / max(int(keep.sum()), 1)
 
 
-def calc_loss_loader(data_loader, model, num_batches=None, autocast=None) -> float:
+def calc_loss_loader(data_loader, model, num_batches=None, autocast=nullcontext) -> float:
     """Average batch loss over the first `num_batches` batches (all when None), as the book."""
     total, count = 0.0, 0
     for i, (inputs, targets) in enumerate(data_loader):

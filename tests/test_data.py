@@ -4,7 +4,6 @@ import pickle
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import data
 from data import (InstructionDataset, atomic_write_bytes, cli_main, download, format_input,
                   format_response, get_tokenizer, load_data, response_header, split_data,
                   write_json)
+from local_server import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = {"instruction": "Rewrite the sentence.", "input": "The cake was baked by me.",
@@ -262,16 +262,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.seen, srv.ignore_range, srv.drop_after = {"/f.bin": PAYLOAD}, [], False, None
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    with local_server(Handler) as srv:
+        srv.files, srv.seen, srv.ignore_range, srv.drop_after = {"/f.bin": PAYLOAD}, [], False, None
+        yield srv
 
 
 def fetch(server, tmp_path, **kw):

@@ -14,7 +14,6 @@ import random
 import re
 import signal
 import struct
-import threading
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ import train
 from collate import make_loader
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, write_json
 from gpt import GPTModel, load_gpt2, load_model, load_weights, model_config, save_model
+from local_server import local_server
 from safetensors_io import hf_gpt2_tensors, safetensors_bytes
 
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
@@ -281,16 +281,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.body, srv.seen, srv.chunked, srv.drop_after = b"", [], False, None
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    with local_server(Handler) as srv:
+        srv.body, srv.seen, srv.chunked, srv.drop_after = b"", [], False, None
+        yield srv
 
 
 def test_chunked_body_cut_short_keeps_the_part_and_resumes(server, tmp_path):
