@@ -1,0 +1,270 @@
+"""Benchmark: training and generation speed and memory, fast path against the book's plain path.
+
+Each configuration runs in a child process of its own (`--one`, JSON out), so its peak resident
+memory (ru_maxrss) is its alone. `run_training` times the real `train.train_step` on the real
+loader's batches; `run_inference` times cached batched generation or the book's uncached loop.
+Run: python benchmarks/bench.py --compare   (prints a Markdown table for the README)
+"""
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_generate import EOS  # noqa: E402
+from collate import make_loader  # noqa: E402
+from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
+from generate import encode_prompts, generate, generate_batched  # noqa: E402
+from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
+from train import DEFAULT_DATA, calc_loss_batch, make_optimizer, train_step, use_bf16  # noqa: E402
+
+GIB = 2**30
+FAST = dict(precision="auto", group=True, full_head=False, tied=True, fused=True)
+PLAIN = dict(FAST, precision="fp32", group=False, full_head=True)  # train.py's slowest settings
+BOOK = dict(PLAIN, tied=False, fused=False)  # and the book's untied head and unfused AdamW
+COMPARE = [  # (label, training settings): the reference paths, then the fast path minus one thing
+    ("book: fp32, shuffled, full head, untied head, AdamW", BOOK),
+    ("plain: fp32, shuffled, full head (tied head, fused AdamW)", PLAIN),
+    ("fast: auto precision, length-grouped, head on targets", FAST),
+    ("fast with fp32 (`--precision fp32`)", dict(FAST, precision="fp32")),
+    ("fast with shuffled batches (`--no-length-grouping`)", dict(FAST, group=False)),
+    ("fast with the full head (`--full-head`)", dict(FAST, full_head=True)),
+    ("fast with an untied head (`--untied-head`)", dict(FAST, tied=False)),
+    ("fast with unfused AdamW (`--unfused-adamw`)", dict(FAST, fused=False)),
+]
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
+def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int,
+                  max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first n batches of the real training loader's epoch 0, longest batch first.
+
+    The grouped loader already puts the batch with the longest entry first; the same is done for
+    shuffled batches, so every configuration meets its worst step during warm-up and a short run
+    reaches the peak memory of a whole epoch. Same (seed, group): same batches, same order.
+    """
+    loader = make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=seed,
+                         allowed_max_length=max_length, group_by_length=group)
+    batches = list(loader)
+    longest = max(range(len(batches)), key=lambda b: batches[b][0].shape[1])
+    batches.insert(0, batches.pop(longest))
+    return batches[:n]
+
+
+def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
+    """Seconds per step spent in forward+loss, backward and the optimizer (a diagnostic only)."""
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for inputs, targets in batches:
+        t0 = time.perf_counter()
+        with autocast():
+            loss = calc_loss_batch(inputs, targets, model, full_head)
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[name] += seconds / len(batches)
+    return phases
+
+
+def run_training(model: str, precision: str, group: bool, full_head: bool, batch_size: int,
+                 steps: int, warmup: int, seed: int, data: str, tied: bool = True,
+                 fused: bool = True, breakdown: int = 0) -> dict:
+    """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
+
+    tied=False and fused=False are the book's ways, which train.py does not offer: an output
+    head that is a copy of the token embedding (chapter 5 loads GPT-2's wte into both), and
+    AdamW's default per-tensor update.
+    """
+    cfg = model_config(model)
+    dataset = InstructionDataset(split_data(load_data(data))[0], get_tokenizer())
+    batches = bench_batches(dataset, batch_size, warmup + steps + breakdown, group, seed,
+                            cfg["context_length"])
+    torch.manual_seed(seed)  # same initial weights in every configuration
+    net = GPTModel(cfg).train()
+    if not tied:
+        net.out_head.weight = torch.nn.Parameter(net.tok_emb.weight.detach().clone())
+    device = torch.device("cpu")
+    bf16 = use_bf16(precision, device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    optimizer = make_optimizer(net, lr=5e-5, weight_decay=0.1, device=device) if fused \
+        else torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
+    setup_rss = peak_rss()
+    losses, tokens, positions, seconds = [], 0, 0, 0.0
+    for i, (inputs, targets) in enumerate(batches[:warmup + steps]):
+        start = time.perf_counter()
+        loss, n_targets = train_step(net, optimizer, inputs, targets, autocast, full_head)
+        elapsed = time.perf_counter() - start
+        losses.append(loss)
+        if i >= warmup:
+            tokens, positions, seconds = tokens + n_targets, positions + inputs.numel(), \
+                seconds + elapsed
+    result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
+              "full_head": full_head, "tied": tied, "fused": fused, "batch_size": batch_size, "steps": steps, "warmup": warmup,
+              "target_tokens": tokens, "positions": positions, "seconds": seconds,
+              "tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
+              "losses": losses, "setup_rss": setup_rss, "peak_rss": peak_rss()}
+    if breakdown:
+        result["phases"] = time_phases(net, optimizer, batches[warmup + steps:], autocast,
+                                       full_head)
+    return result
+
+
+def run_inference(model: str, prompts: int, max_new_tokens: int, batch_size: int, cache: bool,
+                  seed: int, data: str) -> dict:
+    """Greedy tokens/s on the first test prompts: cached batches, or the book's one-by-one loop."""
+    torch.manual_seed(seed)
+    net = GPTModel(model_config(model)).eval()
+    ids = encode_prompts(split_data(load_data(data))[2][:prompts], get_tokenizer())
+    start = time.perf_counter()
+    if cache:
+        new = generate_batched(net, ids, max_new_tokens, batch_size, eos_id=EOS)
+    else:
+        new = [generate(net, [p], max_new_tokens, eos_id=EOS, use_cache=False)[0][len(p):]
+               for p in ids]
+    seconds = time.perf_counter() - start
+    tokens = sum(len(t) for t in new)
+    return {"kind": "inference", "model": model, "cache": cache, "prompts": len(ids),
+            "max_new_tokens": max_new_tokens, "batch_size": batch_size if cache else 1,
+            "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "peak_rss": peak_rss()}
+
+
+def in_child(job: dict) -> dict:
+    """Run one job in a fresh interpreter (`--one`) and return its JSON result."""
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)],
+                         stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark job {job} failed with exit code {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def describe(r: dict) -> str:
+    if r["kind"] == "inference":
+        how = f"KV cache, batches of {r['batch_size']}" if r["cache"] else "no cache, one by one"
+        return (f"inference ({how}): {r['new_tokens']} new tokens for {r['prompts']} prompts in {r['seconds']:.1f} s "
+                f"= {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
+    settings = (f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
+                f"{'length-grouped' if r['group'] else 'shuffled'} batches, "
+                f"{'full head' if r['full_head'] else 'head on targets only'}, "
+                f"{'tied' if r['tied'] else 'untied'} head, {'fused' if r['fused'] else 'unfused'} AdamW")
+    text = (f"training ({settings}): {r['tokens_per_s']:.1f} target "
+            f"tokens/s, {r['s_per_step']:.2f} s/step, "
+            f"{r['target_tokens'] / r['positions']:.0%} of positions are targets, "
+            f"peak RSS {r['peak_rss'] / GIB:.2f} GiB (after setup {r['setup_rss'] / GIB:.2f} GiB)")
+    if "phases" in r:
+        text += "\n  per step: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases"].items())
+    return text
+
+
+def markdown_table(rows: list[tuple[str, dict]], baselines: dict[str, dict]) -> str:
+    """Training rows as a Markdown table, with speed and memory ratios against each baseline."""
+    ratio_heads = "".join(f" speed vs {name} | memory vs {name} |" for name in baselines)
+    lines = ["| configuration | target tokens/s | s/step | peak RSS (GiB) |" + ratio_heads,
+             "|---|---:|---:|---:|" + "---:|---:|" * len(baselines)]
+    for label, r in rows:
+        ratios = "".join(f" {r['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+                         f"| {r['peak_rss'] / b['peak_rss']:.2f}x |" for b in baselines.values())
+        lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} "
+                     f"| {r['peak_rss'] / GIB:.2f} |" + ratios)
+    return "\n".join(lines)
+
+
+def inference_table(cached: dict, plain: dict) -> str:
+    lines = ["| generation | tokens/s | peak RSS (GiB) | speed vs no cache |", "|---|---:|---:|---:|"]
+    for label, r in (("no cache, one prompt at a time (`--no-cache`)", plain),
+                     (f"KV cache, batches of {cached['batch_size']}", cached)):
+        lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['peak_rss'] / GIB:.2f} "
+                     f"| {r['tokens_per_s'] / plain['tokens_per_s']:.1f}x |")
+    return "\n".join(lines)
+
+
+def max_relative_gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small", help="random weights")
+    p.add_argument("--data", default=DEFAULT_DATA, help="training split: batches; test split: prompts")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--no-length-grouping", action="store_true")
+    p.add_argument("--full-head", action="store_true")
+    p.add_argument("--untied-head", action="store_true", help="the book's separate output head")
+    p.add_argument("--unfused-adamw", action="store_true", help="the book's AdamW update")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="then time N more steps split into forward, backward and optimizer")
+    p.add_argument("--prompts", type=int, default=8, help="test prompts for inference (8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per cached batch (16)")
+    p.add_argument("--no-cache", action="store_true", help="inference: the book's uncached loop")
+    p.add_argument("--skip-inference", action="store_true")
+    p.add_argument("--compare", action="store_true",
+                   help="plain path, fast path and each single ablation; Markdown tables")
+    p.add_argument("--json", help="also write every result to this file")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child process: one job as JSON
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        job = json.loads(args.one)
+        run = run_training if job.pop("kind") == "training" else run_inference
+        print(json.dumps(run(**job)))
+        return
+    common = dict(model=args.model, seed=args.seed, data=args.data)
+    train_job = dict(common, kind="training", batch_size=args.batch_size, steps=args.steps,
+                     warmup=args.warmup, breakdown=args.breakdown)
+    infer_job = dict(common, kind="inference", prompts=args.prompts,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size)
+    settings = [(label, s) for label, s in COMPARE] if args.compare else [
+        ("this run", dict(precision=args.precision, group=not args.no_length_grouping,
+                          full_head=args.full_head, tied=not args.untied_head,
+                          fused=not args.unfused_adamw))]
+    caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
+    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+          flush=True)
+    rows, results = [], []
+    for label, s in settings:
+        r = in_child(dict(train_job, **s))
+        print(describe(r), flush=True)
+        rows.append((label, r))
+        results.append(r)
+    inference = {}
+    for cache in caches:
+        inference[cache] = in_child(dict(infer_job, cache=cache))
+        print(describe(inference[cache]), flush=True)
+        results.append(inference[cache])
+    if args.compare:
+        print("\n" + markdown_table(rows, {"book": rows[0][1], "plain": rows[1][1]}))
+        fast, fast_fp32 = rows[2][1], rows[3][1]
+        if fast["bf16"]:
+            print(f"\nloss of bf16 vs fp32 (same batches, same start): largest gap over "
+                  f"{len(fast['losses'])} steps {max_relative_gap(fast['losses'], fast_fp32['losses']):.2%}")
+        if inference:
+            print("\n" + inference_table(inference[True], inference[False]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/bench.py: a tiny run end to end, and its table against the plain path."""
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH.parent))  # bench imports bench_generate from its own folder
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    return module
+
+
+def test_tiny_run_prints_throughput_step_time_and_memory(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--steps", "2",
+                          "--warmup", "1", "--skip-inference", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("training ("))
+    assert re.search(r"\d+\.\d target tokens/s, \d+\.\d\d s/step", line)
+    assert re.search(r"peak RSS \d+\.\d\d GiB", line)
+    assert "bf16" in line or "fp32" in line
+    assert "inference" not in out.stdout
+    assert '"tokens_per_s"' in (tmp_path / "r.json").read_text()
+
+
+def test_table_gives_ratios_against_the_first_row():
+    bench = load_bench()
+    plain = {"tokens_per_s": 100.0, "s_per_step": 4.0, "peak_rss": 4 * 2**30}
+    fast = {"tokens_per_s": 300.0, "s_per_step": 1.0, "peak_rss": 2 * 2**30}
+    table = bench.markdown_table([("plain", plain), ("fast", fast)],
+                                 {"plain": plain, "fast": fast}).splitlines()
+    assert table[0].endswith("| speed vs plain | memory vs plain | speed vs fast | memory vs fast |")
+    assert table[2] == "| plain | 100.0 | 4.00 | 4.00 | 1.00x | 1.00x | 0.33x | 2.00x |"
+    assert table[3] == "| fast | 300.0 | 1.00 | 2.00 | 3.00x | 0.50x | 1.00x | 1.00x |"
+
+
+def test_the_same_settings_give_the_same_batches_longest_first():
+    bench = load_bench()
+    rows = [[1] * n for n in (5, 9, 3, 7, 4, 8, 6, 2)]
+    for group in (False, True):
+        a = bench.bench_batches(rows, 2, 3, group, seed=1, max_length=None)
+        b = bench.bench_batches(rows, 2, 3, group, seed=1, max_length=None)
+        assert len(a) == 3 and all((x[0] == y[0]).all() for x, y in zip(a, b))
+        assert a[0][0].shape[1] == 9  # the batch holding the longest row (+1 for <|endoftext|>)
