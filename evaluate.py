@@ -389,7 +389,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mmlu", help="MMLU-layout folder: DIR/test/*_test.csv, optional DIR/dev")
     p.add_argument("--model-path", help="model written by train.py (OUT/model.pt), for --mmlu")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples from the dev file (5)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, mps")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, then mps, then cpu")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
@@ -423,10 +424,9 @@ def main(argv=None) -> None:
             atomic_write_bytes(args.report, text.encode("utf-8"))
             print(f"report written to {args.report}")
     if args.mmlu:
-        import torch  # only --mmlu needs torch and the model
+        from generate import pick_device  # only --mmlu needs torch and the model
         from gpt import load_model
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-            else args.device
+        device = pick_device(args.device)
         model, cfg = load_model(args.model_path, device=device)
         results = mmlu_evaluate(model, get_tokenizer(), args.mmlu, cfg["context_length"],
                                 args.shots, device, progress=not args.quiet)
