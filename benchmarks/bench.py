@@ -7,6 +7,7 @@ Run: python benchmarks/bench.py --compare   (prints a Markdown table for the REA
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -113,7 +114,8 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
             tokens, positions, seconds = tokens + n_targets, positions + inputs.numel(), \
                 seconds + elapsed
     result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
-              "full_head": full_head, "tied": tied, "fused": fused, "batch_size": batch_size, "steps": steps, "warmup": warmup,
+              "full_head": full_head, "tied": tied, "fused": fused, "batch_size": batch_size,
+              "steps": steps, "warmup": warmup,
               "target_tokens": tokens, "positions": positions, "seconds": seconds,
               "tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
               "losses": losses, "setup_rss": setup_rss, "peak_rss": peak_rss()}
@@ -143,24 +145,55 @@ def run_inference(model: str, prompts: int, max_new_tokens: int, batch_size: int
             "peak_rss": peak_rss()}
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux), else None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def in_child(job: dict) -> dict:
-    """Run one job in a fresh interpreter (`--one`) and return its JSON result."""
+    """Run one job in a fresh interpreter (`--one`) and return its JSON result.
+
+    Adds `others_cpu`: the share of the machine's CPU time that other processes used meanwhile.
+    Matters here: with 2 threads on 2 cores, every op waits for a descheduled thread, so a busy
+    neighbour can make a step several times slower.
+    """
+    busy, wall = busy_cpu_seconds(), time.perf_counter()
+    own = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)],
                          stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark job {job} failed with exit code {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if busy is not None:
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+        child = now.ru_utime + now.ru_stime - own.ru_utime - own.ru_stime
+        total = (time.perf_counter() - wall) * (os.cpu_count() or 1)
+        result["others_cpu"] = max(busy_cpu_seconds() - busy - child, 0.0) / total
+    return result
 
 
 def describe(r: dict) -> str:
+    return describe_result(r) + (f"\n  warning: other processes used {r['others_cpu']:.0%} of the "
+                                 f"CPU meanwhile; these figures are not reliable"
+                                 if r.get("others_cpu", 0) > 0.1 else "")
+
+
+def describe_result(r: dict) -> str:
     if r["kind"] == "inference":
         how = f"KV cache, batches of {r['batch_size']}" if r["cache"] else "no cache, one by one"
-        return (f"inference ({how}): {r['new_tokens']} new tokens for {r['prompts']} prompts in {r['seconds']:.1f} s "
+        return (f"inference ({how}): {r['new_tokens']} new tokens for {r['prompts']} prompts "
+                f"in {r['seconds']:.1f} s "
                 f"= {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
     settings = (f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
                 f"{'length-grouped' if r['group'] else 'shuffled'} batches, "
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
-                f"{'tied' if r['tied'] else 'untied'} head, {'fused' if r['fused'] else 'unfused'} AdamW")
+                f"{'tied' if r['tied'] else 'untied'} head, "
+                f"{'fused' if r['fused'] else 'unfused'} AdamW")
     text = (f"training ({settings}): {r['tokens_per_s']:.1f} target "
             f"tokens/s, {r['s_per_step']:.2f} s/step, "
             f"{r['target_tokens'] / r['positions']:.0%} of positions are targets, "
@@ -184,7 +217,8 @@ def markdown_table(rows: list[tuple[str, dict]], baselines: dict[str, dict]) -> 
 
 
 def inference_table(cached: dict, plain: dict) -> str:
-    lines = ["| generation | tokens/s | peak RSS (GiB) | speed vs no cache |", "|---|---:|---:|---:|"]
+    lines = ["| generation | tokens/s | peak RSS (GiB) | speed vs no cache |",
+             "|---|---:|---:|---:|"]
     for label, r in (("no cache, one prompt at a time (`--no-cache`)", plain),
                      (f"KV cache, batches of {cached['batch_size']}", cached)):
         lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['peak_rss'] / GIB:.2f} "
@@ -199,7 +233,8 @@ def max_relative_gap(a: list[float], b: list[float]) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small", help="random weights")
-    p.add_argument("--data", default=DEFAULT_DATA, help="training split: batches; test split: prompts")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="its training split gives the batches, its test split the prompts")
     p.add_argument("--steps", type=int, default=20, help="timed training steps (20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -223,9 +258,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def machine() -> str:
+    """One line naming the CPU, its cores and torch, for the README table's caption."""
+    try:
+        name = next(line.split(":", 1)[1].strip()
+                    for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    bf16 = use_bf16("auto", torch.device("cpu"))
+    return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, native bf16: {'yes' if bf16 else 'no'}")
+
+
+def print_comparison(rows: list[tuple[str, dict]], inference: dict) -> None:
+    print("\n" + markdown_table(rows, {"book": rows[0][1], "plain": rows[1][1]}))
+    fast, fast_fp32 = rows[2][1], rows[3][1]
+    if fast["bf16"]:
+        gap = max_relative_gap(fast["losses"], fast_fp32["losses"])
+        print(f"\nloss with bf16 autocast vs fp32 (same start, same batches): largest gap over "
+              f"{len(fast['losses'])} steps {gap:.2%}")
+    if len(inference) == 2:
+        print("\n" + inference_table(inference[True], inference[False]))
+    busy = [r for _, r in rows] + list(inference.values())
+    busy = [r for r in busy if r.get("others_cpu", 0) > 0.1]
+    if busy:
+        print(f"\nwarning: {len(busy)} measurements ran while other processes used over 10 % of "
+              f"the CPU; measure again on a quiet machine")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.one:
+    if args.one:  # a child process: one job in, one JSON line out
         job = json.loads(args.one)
         run = run_training if job.pop("kind") == "training" else run_inference
         print(json.dumps(run(**job)))
@@ -235,35 +299,25 @@ def main(argv=None) -> None:
                      warmup=args.warmup, breakdown=args.breakdown)
     infer_job = dict(common, kind="inference", prompts=args.prompts,
                      max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size)
-    settings = [(label, s) for label, s in COMPARE] if args.compare else [
+    settings = COMPARE if args.compare else [
         ("this run", dict(precision=args.precision, group=not args.no_length_grouping,
                           full_head=args.full_head, tied=not args.untied_head,
                           fused=not args.unfused_adamw))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
-    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
-          flush=True)
-    rows, results = [], []
+    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} "
+          f"warm-up; {machine()}", flush=True)
+    rows, inference = [], {}
     for label, s in settings:
-        r = in_child(dict(train_job, **s))
-        print(describe(r), flush=True)
-        rows.append((label, r))
-        results.append(r)
-    inference = {}
+        rows.append((label, in_child(dict(train_job, **s))))
+        print(describe(rows[-1][1]), flush=True)
     for cache in caches:
         inference[cache] = in_child(dict(infer_job, cache=cache))
         print(describe(inference[cache]), flush=True)
-        results.append(inference[cache])
     if args.compare:
-        print("\n" + markdown_table(rows, {"book": rows[0][1], "plain": rows[1][1]}))
-        fast, fast_fp32 = rows[2][1], rows[3][1]
-        if fast["bf16"]:
-            print(f"\nloss of bf16 vs fp32 (same batches, same start): largest gap over "
-                  f"{len(fast['losses'])} steps {max_relative_gap(fast['losses'], fast_fp32['losses']):.2%}")
-        if inference:
-            print("\n" + inference_table(inference[True], inference[False]))
+        print_comparison(rows, inference)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps([r for _, r in rows] + list(inference.values()),
+                                              indent=1))
 
 
 if __name__ == "__main__":

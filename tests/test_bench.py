@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench.py: a tiny run end to end, and its table against the plain path."""
+"""Smoke test of benchmarks/bench.py: a tiny run end to end, its table, its batches."""
 import importlib.util
 import re
 import subprocess
@@ -38,7 +38,8 @@ def test_table_gives_ratios_against_the_first_row():
     fast = {"tokens_per_s": 300.0, "s_per_step": 1.0, "peak_rss": 2 * 2**30}
     table = bench.markdown_table([("plain", plain), ("fast", fast)],
                                  {"plain": plain, "fast": fast}).splitlines()
-    assert table[0].endswith("| speed vs plain | memory vs plain | speed vs fast | memory vs fast |")
+    assert table[0].endswith(
+        "| speed vs plain | memory vs plain | speed vs fast | memory vs fast |")
     assert table[2] == "| plain | 100.0 | 4.00 | 4.00 | 1.00x | 1.00x | 0.33x | 2.00x |"
     assert table[3] == "| fast | 300.0 | 1.00 | 2.00 | 3.00x | 0.50x | 1.00x | 1.00x |"
 
