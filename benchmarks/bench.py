@@ -140,7 +140,8 @@ def run_inference(model: str, prompts: int, max_new_tokens: int, batch_size: int
     seconds = time.perf_counter() - start
     tokens = sum(len(t) for t in new)
     return {"kind": "inference", "model": model, "cache": cache, "prompts": len(ids),
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size if cache else 1,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": min(batch_size, len(ids)) if cache else 1,
             "new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "peak_rss": peak_rss()}
 
@@ -251,6 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per cached batch (16)")
     p.add_argument("--no-cache", action="store_true", help="inference: the book's uncached loop")
     p.add_argument("--skip-inference", action="store_true")
+    p.add_argument("--skip-training", action="store_true")
     p.add_argument("--compare", action="store_true",
                    help="plain path, fast path and each single ablation; Markdown tables")
     p.add_argument("--json", help="also write every result to this file")
@@ -272,12 +274,13 @@ def machine() -> str:
 
 
 def print_comparison(rows: list[tuple[str, dict]], inference: dict) -> None:
-    print("\n" + markdown_table(rows, {"book": rows[0][1], "plain": rows[1][1]}))
-    fast, fast_fp32 = rows[2][1], rows[3][1]
-    if fast["bf16"]:
-        gap = max_relative_gap(fast["losses"], fast_fp32["losses"])
-        print(f"\nloss with bf16 autocast vs fp32 (same start, same batches): largest gap over "
-              f"{len(fast['losses'])} steps {gap:.2%}")
+    if rows:
+        print("\n" + markdown_table(rows, {"book": rows[0][1], "plain": rows[1][1]}))
+        fast, fast_fp32 = rows[2][1], rows[3][1]
+        if fast["bf16"]:
+            gap = max_relative_gap(fast["losses"], fast_fp32["losses"])
+            print(f"\nloss with bf16 autocast vs fp32 (same start, same batches): largest gap "
+                  f"over {len(fast['losses'])} steps {gap:.2%}")
     if len(inference) == 2:
         print("\n" + inference_table(inference[True], inference[False]))
     busy = [r for _, r in rows] + list(inference.values())
@@ -299,7 +302,7 @@ def main(argv=None) -> None:
                      warmup=args.warmup, breakdown=args.breakdown)
     infer_job = dict(common, kind="inference", prompts=args.prompts,
                      max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size)
-    settings = COMPARE if args.compare else [
+    settings = [] if args.skip_training else COMPARE if args.compare else [
         ("this run", dict(precision=args.precision, group=not args.no_length_grouping,
                           full_head=args.full_head, tied=not args.untied_head,
                           fused=not args.unfused_adamw))]
