@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_generate import EOS  # noqa: E402
+from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
 from generate import encode_prompts, generate, generate_batched  # noqa: E402
@@ -26,18 +27,20 @@ from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
 from train import DEFAULT_DATA, calc_loss_batch, make_optimizer, train_step, use_bf16  # noqa: E402
 
 GIB = 2**30
-FAST = dict(precision="auto", group=True, full_head=False, tied=True, fused=True)
-PLAIN = dict(FAST, precision="fp32", group=False, full_head=True)  # train.py's slowest settings
-BOOK = dict(PLAIN, tied=False, fused=False)  # and the book's untied head and unfused AdamW
+FAST = dict(precision="auto", group=True, full_head=False, tied=True, fused=True, in_backward=True)
+PLAIN = dict(FAST, precision="fp32", group=False, full_head=True, in_backward=False)
+BOOK = dict(PLAIN, book_model=True, tied=False, fused=False)  # the book's modules and AdamW
 COMPARE = [  # (label, training settings): the reference paths, then the fast path minus one thing
-    ("book: fp32, shuffled, full head, untied head, AdamW", BOOK),
-    ("plain: fp32, shuffled, full head (tied head, fused AdamW)", PLAIN),
+    ("book: its modules, untied head, AdamW; fp32, shuffled, full head", BOOK),
+    ("plain: this model, fp32, shuffled, full head", PLAIN),
     ("fast: auto precision, length-grouped, head on targets", FAST),
     ("fast with fp32 (`--precision fp32`)", dict(FAST, precision="fp32")),
     ("fast with shuffled batches (`--no-length-grouping`)", dict(FAST, group=False)),
     ("fast with the full head (`--full-head`)", dict(FAST, full_head=True)),
     ("fast with an untied head (`--untied-head`)", dict(FAST, tied=False)),
-    ("fast with unfused AdamW (`--unfused-adamw`)", dict(FAST, fused=False)),
+    ("fast with the AdamW step after backward (`--step-after-backward`)",
+     dict(FAST, in_backward=False)),
+    ("fast with unfused AdamW (`--unfused-adamw`)", dict(FAST, fused=False, in_backward=False)),
 ]
 
 
@@ -67,11 +70,11 @@ def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
     """Seconds per step spent in forward+loss, backward and the optimizer (a diagnostic only)."""
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for inputs, targets in batches:
+        optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         with autocast():
             loss = calc_loss_batch(inputs, targets, model, full_head)
         t1 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t2 = time.perf_counter()
         optimizer.step()
@@ -83,25 +86,31 @@ def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
 
 def run_training(model: str, precision: str, group: bool, full_head: bool, batch_size: int,
                  steps: int, warmup: int, seed: int, data: str, tied: bool = True,
-                 fused: bool = True, breakdown: int = 0) -> dict:
+                 fused: bool = True, in_backward: bool = False, book_model: bool = False,
+                 breakdown: int = 0) -> dict:
     """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
 
-    tied=False and fused=False are the book's ways, which train.py does not offer: an output
-    head that is a copy of the token embedding (chapter 5 loads GPT-2's wte into both), and
-    AdamW's default per-tensor update.
+    tied=False, fused=False and book_model=True are the book's ways, which train.py does not
+    offer: an output head that is a copy of the token embedding (chapter 5 loads GPT-2's wte
+    into both), AdamW's default per-tensor update, and the chapter 4 modules (book_model.py),
+    which start from the same weights. The book's model has no `hidden`, so it needs full_head.
     """
+    if book_model and (tied or not full_head):
+        raise ValueError("the book's model has an untied head and computes logits everywhere")
     cfg = model_config(model)
     dataset = InstructionDataset(split_data(load_data(data))[0], get_tokenizer())
     batches = bench_batches(dataset, batch_size, warmup + steps + breakdown, group, seed,
                             cfg["context_length"])
     torch.manual_seed(seed)  # same initial weights in every configuration
     net = GPTModel(cfg).train()
-    if not tied:
+    if book_model:
+        net = from_gpt(net).train()
+    elif not tied:
         net.out_head.weight = torch.nn.Parameter(net.tok_emb.weight.detach().clone())
     device = torch.device("cpu")
     bf16 = use_bf16(precision, device)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    optimizer = make_optimizer(net, lr=5e-5, weight_decay=0.1, device=device) if fused \
+    optimizer = make_optimizer(net, 5e-5, 0.1, device, in_backward) if fused \
         else torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
     setup_rss = peak_rss()
     losses, tokens, positions, seconds = [], 0, 0, 0.0
@@ -114,7 +123,9 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
             tokens, positions, seconds = tokens + n_targets, positions + inputs.numel(), \
                 seconds + elapsed
     result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
-              "full_head": full_head, "tied": tied, "fused": fused, "batch_size": batch_size,
+              "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
+              "book_model": book_model,
+              "batch_size": batch_size,
               "steps": steps, "warmup": warmup,
               "target_tokens": tokens, "positions": positions, "seconds": seconds,
               "tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
@@ -190,11 +201,13 @@ def describe_result(r: dict) -> str:
         return (f"inference ({how}): {r['new_tokens']} new tokens for {r['prompts']} prompts "
                 f"in {r['seconds']:.1f} s "
                 f"= {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
-    settings = (f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
+    settings = (f"{'the book' if r.get('book_model') else 'this project'}'s modules, "
+                f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
                 f"{'length-grouped' if r['group'] else 'shuffled'} batches, "
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
                 f"{'tied' if r['tied'] else 'untied'} head, "
-                f"{'fused' if r['fused'] else 'unfused'} AdamW")
+                f"{'fused' if r['fused'] else 'unfused'} AdamW"
+                f"{' in backward' if r.get('in_backward') else ''}")
     text = (f"training ({settings}): {r['tokens_per_s']:.1f} target "
             f"tokens/s, {r['s_per_step']:.2f} s/step, "
             f"{r['target_tokens'] / r['positions']:.0%} of positions are targets, "
@@ -245,6 +258,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-head", action="store_true")
     p.add_argument("--untied-head", action="store_true", help="the book's separate output head")
     p.add_argument("--unfused-adamw", action="store_true", help="the book's AdamW update")
+    p.add_argument("--step-after-backward", action="store_true",
+                   help="the usual AdamW step after backward, not each weight during it")
+    p.add_argument("--book-model", action="store_true",
+                   help="the book's chapter 4 modules (needs --full-head and --untied-head)")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="then time N more steps split into forward, backward and optimizer")
     p.add_argument("--prompts", type=int, default=8, help="test prompts for inference (8)")
@@ -305,7 +322,9 @@ def main(argv=None) -> None:
     settings = [] if args.skip_training else COMPARE if args.compare else [
         ("this run", dict(precision=args.precision, group=not args.no_length_grouping,
                           full_head=args.full_head, tied=not args.untied_head,
-                          fused=not args.unfused_adamw))]
+                          fused=not args.unfused_adamw,
+                          in_backward=not (args.step_after_backward or args.unfused_adamw),
+                          book_model=args.book_model))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
     print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} "
           f"warm-up; {machine()}", flush=True)

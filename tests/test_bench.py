@@ -52,3 +52,23 @@ def test_the_same_settings_give_the_same_batches_longest_first():
         b = bench.bench_batches(rows, 2, 3, group, seed=1, max_length=None)
         assert len(a) == 3 and all((x[0] == y[0]).all() for x, y in zip(a, b))
         assert a[0][0].shape[1] == 9  # the batch holding the longest row (+1 for <|endoftext|>)
+
+
+def test_the_books_modules_compute_the_same_logits_from_the_same_weights():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from book_model import from_gpt
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    import torch
+
+    from gpt import GPTModel, model_config
+    torch.manual_seed(0)
+    ours = GPTModel(model_config("tiny")).eval()
+    book = from_gpt(ours).eval()
+    ids = torch.randint(0, 50257, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(book(ids), ours(ids), rtol=1e-4, atol=1e-5)
+    assert book.out_head.weight.data_ptr() != book.tok_emb.weight.data_ptr()  # untied, as the book
+    assert sum(p.numel() for p in book.parameters()) == \
+        sum(p.numel() for p in ours.parameters()) + 50257 * 128
