@@ -243,6 +243,12 @@ def test_cli_missing_model_or_unwritable_output_is_exit_2(tiny_model_path, tmp_p
     assert result.returncode == 2 and "top_p" in result.stderr
 
 
+def terminal_ctrl_c():
+    """In the child: Ctrl-C as in a terminal, even when the tests run in a background job (which
+    starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_ctrl_c_during_a_file_run_leaves_no_output(tiny_model_path, tmp_path):
     entries = [{"instruction": f"Tell a story number {k}.", "input": ""}
                for k in range(40)]
@@ -251,7 +257,8 @@ def test_cli_ctrl_c_during_a_file_run_leaves_no_output(tiny_model_path, tmp_path
                              str(tiny_model_path), "--input-file", str(tmp_path / "in.json"),
                              "--output", str(tmp_path / "out.json"), "--batch-size", "1",
                              "--max-new-tokens", "200"],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=terminal_ctrl_c)
     try:
         assert "generated 1/40" in proc.stderr.readline()  # generation is under way
         proc.send_signal(signal.SIGINT)
