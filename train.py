@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from collate import make_loader
 from data import (InstructionDataset, atomic_write_bytes, cli_main, get_tokenizer, load_data,
                   split_data, write_json)
+from fastpath import AdamWInBackward, HeadCrossEntropy
 from generate import generate_responses, pick_device
 from gpt import (MODEL_NAMES, GPTModel, download_gpt2, load_state, load_weights, model_config,
                  read_checkpoint, save_model)
@@ -35,49 +36,6 @@ TINY_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_ev
 
 # ---- loss ----------------------------------------------------------------------------------
 HEAD_CHUNK = 128  # rows of logits at a time: 128 x 50257 fp32 is 26 MB
-VOCAB_CHUNK = 8192  # rows of the head's weight gradient at a time: 8192 x 768 bf16 is 13 MB
-
-
-class HeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of the logits `hidden @ weight.T`, `chunk` rows at a time.
-
-    Same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`,
-    but the (rows, vocab) logits never exist in fp32: each chunk's logits become their gradient
-    (softmax minus one-hot) at once, kept in the matmul's dtype for the backward pass. Under
-    autocast the matmuls run in its dtype (bf16) and the softmax in fp32, as autocast would.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
-            else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        grad_logits = torch.empty(len(h), len(w), dtype=dtype, device=h.device)
-        loss = torch.zeros((), device=h.device)
-        for start in range(0, len(h), chunk):
-            logits = (h[start:start + chunk] @ w.T).float()
-            rows, t = torch.arange(len(logits), device=h.device), targets[start:start + chunk]
-            log_norm = torch.logsumexp(logits, dim=1)
-            loss += (log_norm - logits[rows, t]).sum()
-            probs = logits.sub_(log_norm[:, None]).exp_()
-            probs[rows, t] -= 1
-            grad_logits[start:start + chunk] = probs
-        ctx.save_for_backward(h, w, grad_logits)
-        ctx.dtypes = hidden.dtype, weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        h, w, grad_logits = ctx.saved_tensors
-        h = h * grad_loss.to(h.dtype)  # scale the small factor, not the (rows, vocab) one
-        grad_hidden = (grad_logits @ w).to(ctx.dtypes[0]) * grad_loss
-        # the weight's gradient is as large as the embedding: fill it a slice of the vocabulary
-        # at a time, so it never exists twice (in the matmul's dtype and in the weight's)
-        grad_weight = torch.empty(w.shape, dtype=ctx.dtypes[1], device=w.device)
-        for start in range(0, len(w), VOCAB_CHUNK):
-            grad_weight[start:start + VOCAB_CHUNK] = grad_logits[:, start:start + VOCAB_CHUNK].T @ h
-        return grad_hidden, grad_weight, None, None
 
 
 def calc_loss_batch(input_batch, target_batch, model, full_head=False):
@@ -122,46 +80,6 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device,
     if in_backward:
         return AdamWInBackward(model.parameters(), **kwargs)
     return torch.optim.AdamW(model.parameters(), **kwargs)
-
-
-class AdamWInBackward:
-    """AdamW that updates each weight as soon as backward has finished its gradient, then frees it.
-
-    The arithmetic of `loss.backward(); optimizer.step()` (AdamW's update of a weight reads
-    only that weight's gradient), but the gradients, as large as the model, never all exist at
-    once. `step()` and `zero_grad()` have nothing left to do, so a training loop written for a
-    usual optimizer runs unchanged. The hooks stay on the weights until `remove()`: every
-    backward through them is a training step.
-    """
-
-    def __init__(self, params, **adamw_kwargs):
-        self.optimizers = {p: torch.optim.AdamW([p], **adamw_kwargs)
-                           for p in dict.fromkeys(params)}  # a tied weight once
-        self.hooks = [p.register_post_accumulate_grad_hook(self._update) for p in self.optimizers]
-
-    def _update(self, param):  # autograd calls it once the weight's gradient is complete
-        self.optimizers[param].step()
-        param.grad = None
-
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
-
-    def remove(self):
-        for hook in self.hooks:
-            hook.remove()
-
-    def state_dict(self) -> dict:
-        return {"per_weight": [opt.state_dict() for opt in self.optimizers.values()]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["per_weight"]) != len(self.optimizers):
-            raise ValueError(f"optimizer state for {len(state['per_weight'])} weights, "
-                             f"the model has {len(self.optimizers)}")
-        for opt, opt_state in zip(self.optimizers.values(), state["per_weight"]):
-            opt.load_state_dict(opt_state)
 
 
 def train_step(model, optimizer, inputs, targets, autocast, full_head=False) -> tuple[float, int]:

@@ -1,0 +1,128 @@
+"""fastpath.py: each piece against the standard one it replaces, with hand-checked values."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpath import AdamWInBackward, HeadCrossEntropy
+from gpt import GPTModel
+
+SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
+         "drop_rate": 0.0, "qkv_bias": True}
+
+
+def adamw(model, in_backward=True):
+    kwargs = dict(lr=1e-2, weight_decay=0.1, fused=True)
+    return AdamWInBackward(model.parameters(), **kwargs) if in_backward \
+        else torch.optim.AdamW(model.parameters(), **kwargs)
+
+
+def lm_loss(model, inputs, targets):
+    return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+
+
+def step(model, optimizer, inputs, targets):
+    """The usual training step, written for a usual optimizer."""
+    optimizer.zero_grad(set_to_none=True)
+    lm_loss(model, inputs, targets).backward()
+    optimizer.step()
+
+
+def test_chunked_head_loss_of_zero_weights_is_log_vocab_per_row():
+    # all logits 0: each row's loss is ln(4), and d loss / d logits = 1/4 - one-hot
+    hidden = torch.randn(5, 3, requires_grad=True)
+    weight = torch.zeros(4, 3, requires_grad=True)
+    targets = torch.tensor([0, 1, 2, 3, 3])
+    loss = HeadCrossEntropy.apply(hidden, weight, targets, 2)
+    assert loss.item() == pytest.approx(5 * math.log(4))
+    loss.backward()
+    grad_logits = torch.full((5, 4), 0.25) - F.one_hot(targets, 4)
+    torch.testing.assert_close(weight.grad, grad_logits.T @ hidden.detach())
+    torch.testing.assert_close(hidden.grad, torch.zeros(5, 3))  # grad_logits @ zero weights
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_chunked_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (7,))
+    reference = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    expected = torch.autograd.grad(2 * reference, (hidden, weight))
+    loss = HeadCrossEntropy.apply(hidden, weight, targets, chunk)
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(torch.autograd.grad(2 * loss, (hidden, weight)), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_chunked_head_loss_under_bf16_autocast_matches_autocast_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 32, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+        loss = HeadCrossEntropy.apply(hidden, weight, targets, 4)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-3, atol=1e-3)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)),
+                         torch.autograd.grad(reference, (hidden, weight))):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+
+
+def small_batches(n):
+    torch.manual_seed(1)
+    return [(torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (2, 6))) for _ in range(n)]
+
+
+def test_adamw_in_backward_takes_the_same_steps_as_adamw_after_backward():
+    models = {}
+    for in_backward in (False, True):
+        torch.manual_seed(0)
+        model = models[in_backward] = GPTModel(SMALL)  # tied head: one weight, two gradients
+        opt = adamw(model, in_backward)
+        for inputs, targets in small_batches(3):
+            step(model, opt, inputs, targets)
+    torch.manual_seed(0)
+    start = GPTModel(SMALL).state_dict()
+    for name, weight in models[True].state_dict().items():
+        torch.testing.assert_close(weight, models[False].state_dict()[name], rtol=0, atol=1e-6)
+        assert not torch.equal(weight, start[name])  # every weight took its steps
+
+
+def test_adamw_in_backward_frees_each_gradient_and_stops_after_remove():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    opt = adamw(model)
+    inputs, targets = small_batches(1)[0]
+    lm_loss(model, inputs, targets).backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.remove()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    lm_loss(model, inputs, targets).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_adamw_in_backward_state_resumes_exactly_and_refuses_another_model():
+    batches = small_batches(4)
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    opt = adamw(model)
+    for inputs, targets in batches[:2]:
+        step(model, opt, inputs, targets)
+    resumed = GPTModel(SMALL)
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt = adamw(resumed)
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if read from a file
+    for m, o in ((model, opt), (resumed, resumed_opt)):
+        for inputs, targets in batches[2:]:
+            step(m, o, inputs, targets)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, resumed.state_dict()[name])
+    other = adamw(GPTModel(dict(SMALL, n_layers=1)))
+    with pytest.raises(ValueError, match="optimizer state for"):
+        other.load_state_dict(opt.state_dict())
