@@ -150,6 +150,7 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
 
 
 def copy_weights(model) -> dict:
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

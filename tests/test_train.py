@@ -31,6 +31,13 @@ def test_head_only_loss_equals_the_books_full_head_loss():
     torch.testing.assert_close(train.calc_loss_batch(inputs, targets, model, full_head=True), book)
 
 
+def test_best_weights_of_a_compiled_model_load_into_the_model():
+    model = GPTModel(SMALL)
+    best = train.copy_weights(torch.compile(model))  # compiles nothing until called
+    assert list(best) == list(model.state_dict())
+    model.load_state_dict(best)
+
+
 def test_a_batch_without_targets_gives_zero_loss_not_nan():
     model = GPTModel(SMALL)
     inputs = torch.randint(0, 97, (2, 5))
