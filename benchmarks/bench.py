@@ -87,7 +87,7 @@ def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
 def run_training(model: str, precision: str, group: bool, full_head: bool, batch_size: int,
                  steps: int, warmup: int, seed: int, data: str, tied: bool = True,
                  fused: bool = True, in_backward: bool = False, book_model: bool = False,
-                 breakdown: int = 0) -> dict:
+                 compile: bool = False, breakdown: int = 0) -> dict:
     """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
 
     tied=False, fused=False and book_model=True are the book's ways, which train.py does not
@@ -114,9 +114,10 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
         else torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
     setup_rss = peak_rss()
     losses, tokens, positions, seconds = [], 0, 0, 0.0
+    step_net = torch.compile(net) if compile else net  # compiles during the warm-up steps
     for i, (inputs, targets) in enumerate(batches[:warmup + steps]):
         start = time.perf_counter()
-        loss, n_targets = train_step(net, optimizer, inputs, targets, autocast, full_head)
+        loss, n_targets = train_step(step_net, optimizer, inputs, targets, autocast, full_head)
         elapsed = time.perf_counter() - start
         losses.append(loss)
         if i >= warmup:
@@ -124,7 +125,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
                 seconds + elapsed
     result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
               "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
-              "book_model": book_model,
+              "book_model": book_model, "compile": compile,
               "batch_size": batch_size,
               "steps": steps, "warmup": warmup,
               "target_tokens": tokens, "positions": positions, "seconds": seconds,
@@ -207,7 +208,8 @@ def describe_result(r: dict) -> str:
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
                 f"{'tied' if r['tied'] else 'untied'} head, "
                 f"{'fused' if r['fused'] else 'unfused'} AdamW"
-                f"{' in backward' if r.get('in_backward') else ''}")
+                f"{' in backward' if r.get('in_backward') else ''}"
+                f"{', torch.compile' if r.get('compile') else ''}")
     text = (f"training ({settings}): {r['tokens_per_s']:.1f} target "
             f"tokens/s, {r['s_per_step']:.2f} s/step, "
             f"{r['target_tokens'] / r['positions']:.0%} of positions are targets, "
@@ -260,6 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unfused-adamw", action="store_true", help="the book's AdamW update")
     p.add_argument("--step-after-backward", action="store_true",
                    help="the usual AdamW step after backward, not each weight during it")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     p.add_argument("--book-model", action="store_true",
                    help="the book's chapter 4 modules (needs --full-head and --untied-head)")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
@@ -324,7 +327,7 @@ def main(argv=None) -> None:
                           full_head=args.full_head, tied=not args.untied_head,
                           fused=not args.unfused_adamw,
                           in_backward=not (args.step_after_backward or args.unfused_adamw),
-                          book_model=args.book_model))]
+                          book_model=args.book_model, compile=args.compile))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
     print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} "
           f"warm-up; {machine()}", flush=True)
