@@ -85,6 +85,8 @@ class AdamWInBackward:
         return {"per_weight": [opt.state_dict() for opt in self.optimizers.values()]}
 
     def load_state_dict(self, state: dict) -> None:
+        if "per_weight" not in state:
+            raise ValueError("optimizer state of another optimizer, not of AdamWInBackward")
         if len(state["per_weight"]) != len(self.optimizers):
             raise ValueError(f"optimizer state for {len(state['per_weight'])} weights, "
                              f"the model has {len(self.optimizers)}")

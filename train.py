@@ -145,7 +145,7 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         return RunState(**ckpt["state"]), ckpt["best_weights"]
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: damaged training checkpoint ({type(e).__name__}: {e})") from None
 
 

@@ -126,3 +126,5 @@ def test_adamw_in_backward_state_resumes_exactly_and_refuses_another_model():
     other = adamw(GPTModel(dict(SMALL, n_layers=1)))
     with pytest.raises(ValueError, match="optimizer state for"):
         other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="another optimizer"):
+        opt.load_state_dict(adamw(model, in_backward=False).state_dict())
