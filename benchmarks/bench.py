@@ -67,7 +67,8 @@ def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int,
 
 
 def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
-    """Seconds per step spent in forward+loss, backward and the optimizer (a diagnostic only)."""
+    """Seconds per step in forward+loss, backward and the optimizer (a diagnostic only; with
+    AdamW in backward, the optimizer's time is inside backward)."""
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for inputs, targets in batches:
         optimizer.zero_grad(set_to_none=True)
@@ -87,7 +88,7 @@ def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
 def run_training(model: str, precision: str, group: bool, full_head: bool, batch_size: int,
                  steps: int, warmup: int, seed: int, data: str, tied: bool = True,
                  fused: bool = True, in_backward: bool = False, book_model: bool = False,
-                 compile: bool = False, breakdown: int = 0) -> dict:
+                 torch_compile: bool = False, breakdown: int = 0) -> dict:
     """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
 
     tied=False, fused=False and book_model=True are the book's ways, which train.py does not
@@ -114,7 +115,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
         else torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
     setup_rss = peak_rss()
     losses, tokens, positions, seconds = [], 0, 0, 0.0
-    step_net = torch.compile(net) if compile else net  # compiles during the warm-up steps
+    step_net = torch.compile(net) if torch_compile else net  # compiles during the warm-up steps
     for i, (inputs, targets) in enumerate(batches[:warmup + steps]):
         start = time.perf_counter()
         loss, n_targets = train_step(step_net, optimizer, inputs, targets, autocast, full_head)
@@ -125,7 +126,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
                 seconds + elapsed
     result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
               "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
-              "book_model": book_model, "compile": compile,
+              "book_model": book_model, "compile": torch_compile,
               "batch_size": batch_size,
               "steps": steps, "warmup": warmup,
               "target_tokens": tokens, "positions": positions, "seconds": seconds,
@@ -327,7 +328,7 @@ def main(argv=None) -> None:
                           full_head=args.full_head, tied=not args.untied_head,
                           fused=not args.unfused_adamw,
                           in_backward=not (args.step_after_backward or args.unfused_adamw),
-                          book_model=args.book_model, compile=args.compile))]
+                          book_model=args.book_model, torch_compile=args.compile))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
     print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} "
           f"warm-up; {machine()}", flush=True)
