@@ -17,21 +17,26 @@ class HeadCrossEntropy(torch.autograd.Function):
     but the (rows, vocab) logits never exist in fp32: each chunk's logits become their gradient
     (softmax minus one-hot) at once, kept in the matmul's dtype for the backward pass. Under
     autocast the matmuls run in its dtype (bf16) and the softmax in fp32, as autocast would.
+    `apply(hidden, weight, targets, chunk, keep_grad)`: keep_grad=False, for evaluation under
+    `torch.no_grad()`, skips preparing that gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, keep_grad=True):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
             else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
-        grad_logits = torch.empty(len(h), len(w), dtype=dtype, device=h.device)
+        grad_logits = torch.empty(len(h), len(w) if keep_grad else 0, dtype=dtype,
+                                  device=h.device)
         loss = torch.zeros((), device=h.device)
         for start in range(0, len(h), chunk):
             logits = (h[start:start + chunk] @ w.T).float()
             rows, t = torch.arange(len(logits), device=h.device), targets[start:start + chunk]
             log_norm = torch.logsumexp(logits, dim=1)
             loss += (log_norm - logits[rows, t]).sum()
+            if not keep_grad:
+                continue
             probs = logits.sub_(log_norm[:, None]).exp_()
             probs[rows, t] -= 1
             grad_logits[start:start + chunk] = probs
@@ -49,7 +54,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_weight = torch.empty(w.shape, dtype=ctx.dtypes[1], device=w.device)
         for start in range(0, len(w), VOCAB_CHUNK):
             grad_weight[start:start + VOCAB_CHUNK] = grad_logits[:, start:start + VOCAB_CHUNK].T @ h
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 class AdamWInBackward:

@@ -53,7 +53,7 @@ def calc_loss_batch(input_batch, target_batch, model, full_head=False):
                                ignore_index=-100)
     keep = target_batch != -100
     loss = HeadCrossEntropy.apply(model.hidden(input_batch)[keep], model.out_head.weight,
-                                  target_batch[keep], HEAD_CHUNK)
+                                  target_batch[keep], HEAD_CHUNK, torch.is_grad_enabled())
     return loss / max(int(keep.sum()), 1)
 
 

@@ -57,6 +57,16 @@ def test_chunked_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
         torch.testing.assert_close(got, want)
 
 
+def test_chunked_head_loss_without_gradient_gives_the_same_value():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(7, 16), torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (7,))
+    with torch.no_grad():
+        loss = HeadCrossEntropy.apply(hidden, weight, targets, 3, False)
+        reference = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    torch.testing.assert_close(loss, reference)
+
+
 def test_chunked_head_loss_under_bf16_autocast_matches_autocast_cross_entropy():
     torch.manual_seed(0)
     hidden = torch.randn(9, 32, requires_grad=True)
