@@ -13,10 +13,12 @@ from torch.utils.data import DataLoader
 
 def custom_collate_fn(batch, pad_token_id: int = 50256, ignore_index: int = -100,
                       allowed_max_length: int | None = None, device="cpu",
-                      mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask_prompt: bool = False,
+                      pad_to_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The book's collate. Each item is a list of token ids, or an `(ids, prompt_len)` pair
     (see InstructionDataset.item_with_prompt_length). Per item, in order:
-      1. append one <|endoftext|> (= pad_token_id) and pad to the longest item + 1;
+      1. append one <|endoftext|> (= pad_token_id) and pad to the longest item + 1, or with
+         pad_to_multiple > 1 to one more than the next multiple of it (see `padded_length`);
       2. inputs = all tokens but the last, targets = all tokens but the first (the shift by one);
       3. every pad target after the first becomes ignore_index: the model learns to stop once;
       4. with mask_prompt, targets that predict prompt tokens (instruction, input, response
@@ -31,7 +33,7 @@ def custom_collate_fn(batch, pad_token_id: int = 50256, ignore_index: int = -100
     if mask_prompt and any(prompt_len is None for _, prompt_len in items):
         raise ValueError("mask_prompt needs (ids, prompt_len) items, e.g. from "
                          "InstructionDataset.item_with_prompt_length")
-    batch_max_length = max(len(ids) + 1 for ids, _ in items)
+    batch_max_length = padded_length(max(len(ids) for ids, _ in items), pad_to_multiple) + 1
     inputs_lst, targets_lst = [], []
     for ids, prompt_len in items:
         padded = list(ids) + [pad_token_id] * (batch_max_length - len(ids))  # a copy: ids untouched
@@ -46,6 +48,18 @@ def custom_collate_fn(batch, pad_token_id: int = 50256, ignore_index: int = -100
         inputs_lst.append(inputs)
         targets_lst.append(targets)
     return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (1: unchanged).
+
+    Batches then come in a few shapes instead of one per length, and on CPU the matrix-multiply
+    library prepares (and keeps) its kernels per shape: fewer shapes made training faster and its
+    memory stop growing (README, Performance). The extra positions are padding with ignored
+    targets, so the loss is the same."""
+    if multiple < 1:
+        raise ValueError(f"pad_to_multiple must be at least 1, got {multiple}")
+    return -(-length // multiple) * multiple
 
 
 def is_pair(item) -> bool:
@@ -115,14 +129,16 @@ class WithPromptLength:
 
 def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 123,
                 mask_prompt: bool = False, allowed_max_length: int | None = None,
-                group_by_length: bool = True, device="cpu") -> DataLoader:
+                group_by_length: bool = True, device="cpu", pad_to_multiple: int = 1) -> DataLoader:
     """A DataLoader over `dataset` (an InstructionDataset, or any list of token lists) using
     custom_collate_fn and a LengthGroupedBatchSampler (reach it as `loader.batch_sampler` to call
-    set_epoch). Grouping applies only with shuffle: evaluation keeps the data's order."""
+    set_epoch). Grouping applies only with shuffle: evaluation keeps the data's order.
+    pad_to_multiple > 1 pads every batch's length up to a multiple of it (`padded_length`)."""
     lengths = getattr(dataset, "lengths", None) or [len(dataset[i]) for i in range(len(dataset))]
+    padded_length(1, pad_to_multiple)  # a bad multiple is refused now, not at the first batch
     sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, drop_last=drop_last,
                                         seed=seed, group=group_by_length)
     collate = partial(custom_collate_fn, allowed_max_length=allowed_max_length, device=device,
-                      mask_prompt=mask_prompt)
+                      mask_prompt=mask_prompt, pad_to_multiple=pad_to_multiple)
     return DataLoader(WithPromptLength(dataset) if mask_prompt else dataset,
                       batch_sampler=sampler, collate_fn=collate, num_workers=0)

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from collate import LengthGroupedBatchSampler, custom_collate_fn, make_loader
+from collate import LengthGroupedBatchSampler, custom_collate_fn, make_loader, padded_length
 from data import InstructionDataset, format_input, get_tokenizer, response_header
 
 EOT, IGN = 50256, -100
@@ -99,6 +99,25 @@ def test_all_ignored_batch_is_returned_as_is():
     assert (targets == IGN).all() and targets.shape == (2, 3)
 
 
+def test_padding_to_a_multiple_adds_only_ignored_padding():
+    # longest item 5 tokens -> 8 positions; the first <|endoftext|> target stays, the rest -100
+    inputs, targets = custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]], pad_to_multiple=4)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4, EOT, EOT, EOT], [5, 6, EOT, EOT, EOT, EOT, EOT, EOT]]
+    assert targets.tolist() == [[1, 2, 3, 4, EOT, IGN, IGN, IGN],
+                                [6, EOT, IGN, IGN, IGN, IGN, IGN, IGN]]
+    book_inputs, book_targets = custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]])
+    assert torch.equal(inputs[:, :5], book_inputs) and torch.equal(targets[:, :5], book_targets)
+    # a longest item that is already a multiple keeps the book's shape
+    assert custom_collate_fn([[0, 1, 2, 3], [5]], pad_to_multiple=4)[0].shape == (2, 4)
+
+
+def test_padded_length_rounds_up_to_the_multiple():
+    assert [padded_length(n, 16) for n in (1, 15, 16, 17, 48, 49)] == [16, 16, 16, 32, 48, 64]
+    assert padded_length(37, 1) == 37
+    with pytest.raises(ValueError, match="pad_to_multiple must be at least 1, got 0"):
+        padded_length(5, 0)
+
+
 def test_bad_calls_are_refused():
     with pytest.raises(ValueError, match="empty batch"):
         custom_collate_fn([])
@@ -191,3 +210,11 @@ def test_loader_for_evaluation_keeps_order_and_masks():
     assert torch.equal(x, want[0]) and torch.equal(y, want[1])
     assert torch.equal(make_loader([[1, 2], [3]], 2, shuffle=False, drop_last=False)
                        .__iter__().__next__()[0], torch.tensor([[1, 2], [3, EOT]]))
+
+
+def test_loader_pads_to_the_multiple_and_refuses_a_bad_one_at_once():
+    x, y = next(iter(make_loader([[1, 2, 3], [4]], 2, shuffle=False, drop_last=False,
+                                 pad_to_multiple=8)))
+    assert x.shape == y.shape == (2, 8)
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        make_loader([[1, 2, 3], [4]], 2, shuffle=False, drop_last=False, pad_to_multiple=0)
