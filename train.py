@@ -11,7 +11,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from collate import make_loader
 from data import (InstructionDataset, atomic_write_bytes, cli_main, get_tokenizer, load_data,
                   split_data, write_json)
-from fastpath import AdamWInBackward, HeadCrossEntropy
+from fastpath import (AdamWInBackward, HeadCrossEntropy, attention_kernel, recast_saved_weights,
+                      release_free_memory)
 from generate import generate_responses, pick_device
 from gpt import (MODEL_NAMES, GPTModel, download_gpt2, load_state, load_weights, model_config,
                  read_checkpoint, save_model)
@@ -36,6 +37,7 @@ TINY_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_ev
 
 # ---- loss ----------------------------------------------------------------------------------
 HEAD_CHUNK = 128  # rows of logits at a time: 128 x 50257 fp32 is 26 MB
+PAD_MULTIPLE = 16  # batch lengths are padded to a multiple of it (collate.padded_length)
 
 
 def calc_loss_batch(input_batch, target_batch, model, full_head=False):
@@ -82,21 +84,39 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device,
     return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
-def train_step(model, optimizer, inputs, targets, autocast, full_head=False) -> tuple[float, int]:
+def forward_context(inputs, autocast, pick_attention=True, recast_weights=True) -> ExitStack:
+    """The contexts a training forward pass runs in: autocast, and the fast path's switches."""
+    stack = ExitStack()
+    stack.enter_context(autocast())
+    if pick_attention:
+        stack.enter_context(attention_kernel(inputs.device, inputs.shape[1]))
+    if recast_weights:
+        stack.enter_context(recast_saved_weights())
+    return stack
+
+
+def train_step(model, optimizer, inputs, targets, autocast, full_head=False,
+               pick_attention=True, recast_weights=True,
+               trim_memory=True) -> tuple[float, int]:
     """One optimizer step; returns (loss, number of target tokens).
 
     A non-finite loss is returned before it can touch the weights. The last step's gradients
     are freed first, as in the book, so they never share memory with this step's activations.
+    The other switches are the fast path's, each measured in benchmarks/bench.py: the faster
+    attention kernel for the batch's length, weights cast again in backward instead of saved
+    in bf16, and freed memory handed back after the step (see fastpath.py).
     """
     n_targets = int((targets != -100).sum())
     optimizer.zero_grad(set_to_none=True)
-    with autocast():
+    with forward_context(inputs, autocast, pick_attention, recast_weights):
         loss = calc_loss_batch(inputs, targets, model, full_head)
     if not torch.isfinite(loss):
         return loss.item(), n_targets
     if n_targets:  # an all-masked batch carries no signal
         loss.backward()
         optimizer.step()
+    if trim_memory:
+        release_free_memory()
     return loss.item(), n_targets
 
 
@@ -262,6 +282,16 @@ def train_model(model, optimizer, train_loader, val_loader, args, state: RunStat
 
 
 # ---- setting up a run ----------------------------------------------------------------------
+def make_autocast(device: torch.device, bf16: bool, cache: bool = False):
+    """A factory of bf16 autocast contexts (no-ops when bf16 is False).
+
+    Autocast's cache of bf16 weight copies is off: each weight is used once a forward pass, so
+    the cache saves no cast, and without it `recast_saved_weights` frees each copy after use.
+    """
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
+                                  cache_enabled=cache)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast where the hardware multiplies bf16 natively; master weights stay fp32."""
     if precision != "auto":
@@ -307,7 +337,8 @@ def prepare_loaders(args, data, tokenizer, device, log=print):
         loaders.append(make_loader(dataset, args.batch_size, shuffle=is_train, drop_last=is_train,
                                    seed=args.seed, mask_prompt=args.mask_prompt,
                                    allowed_max_length=args.max_length,
-                                   group_by_length=not args.no_length_grouping, device=device))
+                                   group_by_length=not args.no_length_grouping, device=device,
+                                   pad_to_multiple=args.pad_multiple))
     return loaders, (train_data, val_data, test_data)
 
 
@@ -393,6 +424,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the output head on every position, as the book (slower)")
     p.add_argument("--no-length-grouping", action="store_true",
                    help="plain shuffled batches instead of length-grouped ones (slower)")
+    p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
+                   help=f"pad each batch's length to a multiple of N ({PAD_MULTIPLE}; 1: the book's "
+                        f"longest-entry padding)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", action="store_true", help="print only errors")
@@ -409,7 +443,7 @@ def main(argv=None) -> None:
     model, cfg = build_model(args, log)
     model.to(device)
     bf16 = use_bf16(args.precision, device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = make_autocast(device, bf16)
     (train_loader, val_loader), (_, val_data, test_data) = prepare_loaders(args, data, tokenizer,
                                                                            device, log)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)

@@ -24,11 +24,14 @@ from collate import make_loader  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
 from generate import encode_prompts, generate, generate_batched  # noqa: E402
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
-from train import DEFAULT_DATA, calc_loss_batch, make_optimizer, train_step, use_bf16  # noqa: E402
+from train import (DEFAULT_DATA, PAD_MULTIPLE, calc_loss_batch, forward_context,  # noqa: E402
+                   make_autocast, make_optimizer, train_step, use_bf16)
 
 GIB = 2**30
-FAST = dict(precision="auto", group=True, full_head=False, tied=True, fused=True, in_backward=True)
-PLAIN = dict(FAST, precision="fp32", group=False, full_head=True, in_backward=False)
+FAST = dict(precision="auto", group=True, full_head=False, tied=True, fused=True, in_backward=True,
+            pad_multiple=PAD_MULTIPLE, pick_attention=True, recast=True, trim=True)
+PLAIN = dict(FAST, precision="fp32", group=False, full_head=True, in_backward=False,
+             pad_multiple=1, pick_attention=False, recast=False, trim=False)
 BOOK = dict(PLAIN, book_model=True, tied=False, fused=False)  # the book's modules and AdamW
 COMPARE = [  # (label, training settings): the reference paths, then the fast path minus one thing
     ("book: its modules, untied head, AdamW; fp32, shuffled, full head", BOOK),
@@ -36,6 +39,13 @@ COMPARE = [  # (label, training settings): the reference paths, then the fast pa
     ("fast: auto precision, length-grouped, head on targets", FAST),
     ("fast with fp32 (`--precision fp32`)", dict(FAST, precision="fp32")),
     ("fast with shuffled batches (`--no-length-grouping`)", dict(FAST, group=False)),
+    ("fast with the book's padding to the longest row (`--pad-multiple 1`)",
+     dict(FAST, pad_multiple=1)),
+    ("fast with the fused attention kernel throughout (`--fused-attention`)",
+     dict(FAST, pick_attention=False)),
+    ("fast keeping autocast's bf16 weight copies (`--keep-weight-casts`)",
+     dict(FAST, recast=False)),
+    ("fast without handing freed memory back (`--no-trim`)", dict(FAST, trim=False)),
     ("fast with the full head (`--full-head`)", dict(FAST, full_head=True)),
     ("fast with an untied head (`--untied-head`)", dict(FAST, tied=False)),
     ("fast with the AdamW step after backward (`--step-after-backward`)",
@@ -50,8 +60,8 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
 
 
-def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int,
-                  max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int, max_length: int,
+                  pad_multiple: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first n batches of the real training loader's epoch 0, longest batch first.
 
     The grouped loader already puts the batch with the longest entry first; the same is done for
@@ -59,21 +69,23 @@ def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int,
     reaches the peak memory of a whole epoch. Same (seed, group): same batches, same order.
     """
     loader = make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=seed,
-                         allowed_max_length=max_length, group_by_length=group)
+                         allowed_max_length=max_length, group_by_length=group,
+                         pad_to_multiple=pad_multiple)
     batches = list(loader)
     longest = max(range(len(batches)), key=lambda b: batches[b][0].shape[1])
     batches.insert(0, batches.pop(longest))
     return batches[:n]
 
 
-def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
+def time_phases(model, optimizer, batches, autocast, full_head: bool, pick_attention: bool,
+                recast: bool) -> dict:
     """Seconds per step in forward+loss, backward and the optimizer (a diagnostic only; with
     AdamW in backward, the optimizer's time is inside backward)."""
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for inputs, targets in batches:
         optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        with autocast():
+        with forward_context(inputs, autocast, pick_attention, recast):
             loss = calc_loss_batch(inputs, targets, model, full_head)
         t1 = time.perf_counter()
         loss.backward()
@@ -88,7 +100,8 @@ def time_phases(model, optimizer, batches, autocast, full_head: bool) -> dict:
 def run_training(model: str, precision: str, group: bool, full_head: bool, batch_size: int,
                  steps: int, warmup: int, seed: int, data: str, tied: bool = True,
                  fused: bool = True, in_backward: bool = False, book_model: bool = False,
-                 torch_compile: bool = False, breakdown: int = 0) -> dict:
+                 torch_compile: bool = False, breakdown: int = 0, pad_multiple: int = 1,
+                 pick_attention: bool = False, recast: bool = False, trim: bool = False) -> dict:
     """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
 
     tied=False, fused=False and book_model=True are the book's ways, which train.py does not
@@ -101,7 +114,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
     cfg = model_config(model)
     dataset = InstructionDataset(split_data(load_data(data))[0], get_tokenizer())
     batches = bench_batches(dataset, batch_size, warmup + steps + breakdown, group, seed,
-                            cfg["context_length"])
+                            cfg["context_length"], pad_multiple)
     torch.manual_seed(seed)  # same initial weights in every configuration
     net = GPTModel(cfg).train()
     if book_model:
@@ -110,7 +123,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
         net.out_head.weight = torch.nn.Parameter(net.tok_emb.weight.detach().clone())
     device = torch.device("cpu")
     bf16 = use_bf16(precision, device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = make_autocast(device, bf16, cache=not recast)
     optimizer = make_optimizer(net, 5e-5, 0.1, device, in_backward) if fused \
         else torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
     setup_rss = peak_rss()
@@ -118,7 +131,8 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
     step_net = torch.compile(net) if torch_compile else net  # compiles during the warm-up steps
     for i, (inputs, targets) in enumerate(batches[:warmup + steps]):
         start = time.perf_counter()
-        loss, n_targets = train_step(step_net, optimizer, inputs, targets, autocast, full_head)
+        loss, n_targets = train_step(step_net, optimizer, inputs, targets, autocast, full_head,
+                                     pick_attention, recast, trim)
         elapsed = time.perf_counter() - start
         losses.append(loss)
         if i >= warmup:
@@ -127,6 +141,8 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
     result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
               "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
               "book_model": book_model, "compile": torch_compile,
+              "pad_multiple": pad_multiple, "pick_attention": pick_attention, "recast": recast,
+              "trim": trim,
               "batch_size": batch_size,
               "steps": steps, "warmup": warmup,
               "target_tokens": tokens, "positions": positions, "seconds": seconds,
@@ -134,7 +150,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
               "losses": losses, "setup_rss": setup_rss, "peak_rss": peak_rss()}
     if breakdown:
         result["phases"] = time_phases(net, optimizer, batches[warmup + steps:], autocast,
-                                       full_head)
+                                       full_head, pick_attention, recast)
     return result
 
 
@@ -205,7 +221,11 @@ def describe_result(r: dict) -> str:
                 f"= {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
     settings = (f"{'the book' if r.get('book_model') else 'this project'}'s modules, "
                 f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
-                f"{'length-grouped' if r['group'] else 'shuffled'} batches, "
+                f"{'length-grouped' if r['group'] else 'shuffled'} batches"
+                f"{' padded to a multiple of ' + str(r['pad_multiple']) if r.get('pad_multiple', 1) > 1 else ''}, "
+                f"{'per-batch' if r.get('pick_attention') else 'fused'} attention kernel, "
+                f"{'weights recast in backward, ' if r.get('recast') else ''}"
+                f"{'freed memory returned each step, ' if r.get('trim') else ''}"
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
                 f"{'tied' if r['tied'] else 'untied'} head, "
                 f"{'fused' if r['fused'] else 'unfused'} AdamW"
@@ -259,6 +279,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--no-length-grouping", action="store_true")
     p.add_argument("--full-head", action="store_true")
+    p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
+                   help=f"pad batch lengths to a multiple of N ({PAD_MULTIPLE}; 1: the book's)")
+    p.add_argument("--fused-attention", action="store_true",
+                   help="keep the fused attention kernel on short rows too")
+    p.add_argument("--keep-weight-casts", action="store_true",
+                   help="autograd keeps autocast's bf16 weight copies until backward")
+    p.add_argument("--no-trim", action="store_true",
+                   help="do not hand memory freed by a step back to the system")
     p.add_argument("--untied-head", action="store_true", help="the book's separate output head")
     p.add_argument("--unfused-adamw", action="store_true", help="the book's AdamW update")
     p.add_argument("--step-after-backward", action="store_true",
@@ -328,7 +356,10 @@ def main(argv=None) -> None:
                           full_head=args.full_head, tied=not args.untied_head,
                           fused=not args.unfused_adamw,
                           in_backward=not (args.step_after_backward or args.unfused_adamw),
-                          book_model=args.book_model, torch_compile=args.compile))]
+                          book_model=args.book_model, torch_compile=args.compile,
+                          pad_multiple=args.pad_multiple,
+                          pick_attention=not args.fused_attention,
+                          recast=not args.keep_weight_casts, trim=not args.no_trim))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
     print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} "
           f"warm-up; {machine()}", flush=True)

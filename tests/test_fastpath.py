@@ -1,12 +1,16 @@
 """fastpath.py: each piece against the standard one it replaces, with hand-checked values."""
 import copy
 import math
+import os
+from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpath import AdamWInBackward, HeadCrossEntropy
+import fastpath
+from fastpath import (AdamWInBackward, HeadCrossEntropy, attention_kernel, recast_saved_weights,
+                      release_free_memory)
 from gpt import GPTModel
 
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
@@ -138,3 +142,99 @@ def test_adamw_in_backward_state_resumes_exactly_and_refuses_another_model():
         other.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="another optimizer"):
         opt.load_state_dict(adamw(model, in_backward=False).state_dict())
+
+
+# ---- recast_saved_weights ------------------------------------------------------------------
+def test_a_saved_cast_of_a_weight_or_a_view_of_one_is_kept_as_the_weight():
+    weight = torch.randn(3, 5, requires_grad=True)
+    for saved in (weight.to(torch.bfloat16), weight.to(torch.bfloat16).T):
+        packed = fastpath._pack_saved(saved)
+        assert packed[0] is weight
+        again = fastpath._unpack_saved(packed)
+        assert again.dtype == torch.bfloat16 and again.stride() == saved.stride()
+        assert torch.equal(again, saved)
+    activation = (weight * 2).to(torch.bfloat16)  # a cast, but not of a leaf: kept as it is
+    for kept in (weight, activation, torch.randn(2)):
+        assert fastpath._pack_saved(kept) is kept and fastpath._unpack_saved(kept) is kept
+
+
+def test_under_autocast_every_linear_weight_copy_is_recast_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    inputs, targets = small_batches(1)[0]
+    recast = []
+
+    def counting_pack(tensor):
+        packed = fastpath._pack_saved(tensor)
+        if isinstance(packed, tuple):
+            recast.append(packed[0])
+        return packed
+
+    grads = []
+    for hooks in (None, (counting_pack, fastpath._unpack_saved)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else nullcontext():
+            loss = lm_loss(model, inputs, targets)
+        grads.append(torch.autograd.grad(loss, model.parameters()))
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and m is not model.out_head]  # the tied head's weight is saved by F.linear too
+    assert {id(w) for w in recast} >= {id(w) for w in linears}
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)  # the same bf16 values, cast twice
+
+
+def test_recast_saved_weights_trains_like_autocast_with_its_cache():
+    losses = []
+    for recast in (False, True):
+        torch.manual_seed(0)
+        model = GPTModel(SMALL)
+        opt = adamw(model)
+        for inputs, targets in small_batches(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=not recast), \
+                    recast_saved_weights() if recast else nullcontext():
+                loss = lm_loss(model, inputs, targets)
+            loss.backward()
+            losses.append(loss.item())
+    assert losses[:3] == losses[3:]
+
+
+# ---- attention_kernel ----------------------------------------------------------------------
+def test_attention_kernel_is_the_plain_one_for_short_rows_on_cpu_only():
+    limit = fastpath.PLAIN_ATTENTION_MAX
+    with attention_kernel(torch.device("cpu"), limit):
+        assert not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    for device, length in (("cpu", limit + 1), ("cuda", 8)):
+        with attention_kernel(torch.device(device), length):
+            assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_both_attention_kernels_give_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    inputs, targets = small_batches(1)[0]
+    results = []
+    for length in (6, fastpath.PLAIN_ATTENTION_MAX + 1):  # the plain kernel, then the fused one
+        with attention_kernel(torch.device("cpu"), length):
+            loss = lm_loss(model, inputs, targets)
+        results.append((loss, torch.autograd.grad(loss, model.parameters())))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- release_free_memory -------------------------------------------------------------------
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(fastpath._MALLOC_TRIM is None, reason="needs glibc's malloc_trim")
+def test_release_free_memory_hands_freed_heap_blocks_back():
+    # 100 KB blocks come from the heap; the last one alive pins it, so free() alone returns
+    # nothing of the 150 MB before it
+    blocks = [torch.ones(25_000) for _ in range(1500)]
+    del blocks[:-1]
+    before = resident_bytes()
+    release_free_memory()
+    assert before - resident_bytes() > 100 * 2**20

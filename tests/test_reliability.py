@@ -58,7 +58,8 @@ def alarm(seconds: int):
 # ---- data ----------------------------------------------------------------------------------------
 def loader_args(max_length: int) -> SimpleNamespace:
     return SimpleNamespace(max_length=max_length, batch_size=1, prompt_style="alpaca", seed=1,
-                           mask_prompt=False, no_length_grouping=False)
+                           mask_prompt=False, no_length_grouping=False,
+                           pad_multiple=train.PAD_MULTIPLE)
 
 
 def data_with_one_long_entry(extra_tokens: int) -> tuple[list[dict], int, list[int]]:
