@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-VOCAB_CHUNK = 8192  # rows of the head's weight gradient at a time: 8192 x 768 bf16 is 13 MB
+VOCAB_CHUNK = 8192  # rows of the head's weight at a time: 8192 x 768 bf16 is 13 MB
 PLAIN_ATTENTION_MAX = 128  # longest rows for which the plain kernel trains faster on CPU
 
 
@@ -85,14 +85,14 @@ def release_free_memory() -> None:
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of the logits `hidden @ weight.T`, `chunk` rows at a time.
+    """Summed cross-entropy of the logits `hidden @ weight.T`, without their fp32 copy.
 
-    Same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`,
-    but the (rows, vocab) logits never exist in fp32: each chunk's logits become their gradient
-    (softmax minus one-hot) at once, kept in the matmul's dtype for the backward pass. Under
-    autocast the matmuls run in its dtype (bf16) and the softmax in fp32, as autocast would.
-    `apply(hidden, weight, targets, chunk, keep_grad)`: keep_grad=False, for evaluation under
-    `torch.no_grad()`, skips preparing that gradient.
+    Same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`.
+    The logits are made in the matmul's dtype (bf16 under autocast), a slice of the vocabulary
+    at a time, so the weight is never copied whole; `chunk` rows at a time then go to fp32 for
+    the softmax, and their logits are overwritten by their gradient (softmax minus one-hot),
+    which backward uses. `apply(hidden, weight, targets, chunk, keep_grad)`: keep_grad=False,
+    for evaluation under `torch.no_grad()`, skips preparing that gradient.
     """
 
     @staticmethod
@@ -100,35 +100,37 @@ class HeadCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
             else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        grad_logits = torch.empty(len(h), len(w) if keep_grad else 0, dtype=dtype,
-                                  device=h.device)
+        h = hidden.to(dtype)
+        logits = torch.empty(len(h), len(weight), dtype=dtype, device=h.device)
+        for v in range(0, len(weight), VOCAB_CHUNK):
+            logits[:, v:v + VOCAB_CHUNK] = h @ weight[v:v + VOCAB_CHUNK].to(dtype).T
         loss = torch.zeros((), device=h.device)
         for start in range(0, len(h), chunk):
-            logits = (h[start:start + chunk] @ w.T).float()
-            rows, t = torch.arange(len(logits), device=h.device), targets[start:start + chunk]
-            log_norm = torch.logsumexp(logits, dim=1)
-            loss += (log_norm - logits[rows, t]).sum()
-            if not keep_grad:
-                continue
-            probs = logits.sub_(log_norm[:, None]).exp_()
-            probs[rows, t] -= 1
-            grad_logits[start:start + chunk] = probs
-        ctx.save_for_backward(h, w, grad_logits)
-        ctx.dtypes = hidden.dtype, weight.dtype
+            block = logits[start:start + chunk].float()
+            rows, t = torch.arange(len(block), device=h.device), targets[start:start + chunk]
+            log_norm = torch.logsumexp(block, dim=1)
+            loss += (log_norm - block[rows, t]).sum()
+            if keep_grad:
+                probs = block.sub_(log_norm[:, None]).exp_()
+                probs[rows, t] -= 1
+                logits[start:start + chunk] = probs
+        ctx.save_for_backward(h, weight, logits if keep_grad else None)
+        ctx.hidden_dtype = hidden.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, w, grad_logits = ctx.saved_tensors
+        h, weight, grad_logits = ctx.saved_tensors
         h = h * grad_loss.to(h.dtype)  # scale the small factor, not the (rows, vocab) one
-        grad_hidden = (grad_logits @ w).to(ctx.dtypes[0]) * grad_loss
+        grad_hidden = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         # the weight's gradient is as large as the embedding: fill it a slice of the vocabulary
         # at a time, so it never exists twice (in the matmul's dtype and in the weight's)
-        grad_weight = torch.empty(w.shape, dtype=ctx.dtypes[1], device=w.device)
-        for start in range(0, len(w), VOCAB_CHUNK):
-            grad_weight[start:start + VOCAB_CHUNK] = grad_logits[:, start:start + VOCAB_CHUNK].T @ h
-        return grad_hidden, grad_weight, None, None, None
+        grad_weight = torch.empty_like(weight)
+        for v in range(0, len(weight), VOCAB_CHUNK):
+            grad_slice = grad_logits[:, v:v + VOCAB_CHUNK]
+            grad_hidden += grad_slice @ weight[v:v + VOCAB_CHUNK].to(h.dtype)
+            grad_weight[v:v + VOCAB_CHUNK] = grad_slice.T @ h
+        return (grad_hidden * grad_loss).to(ctx.hidden_dtype), grad_weight, None, None, None
 
 
 class AdamWInBackward:
