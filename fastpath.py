@@ -12,6 +12,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 VOCAB_CHUNK = 8192  # rows of the head's weight at a time: 8192 x 768 bf16 is 13 MB
@@ -100,22 +101,27 @@ class HeadCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
             else hidden.dtype
-        h = hidden.to(dtype)
+        # zero rows up to a multiple of `chunk`: the matmuls see a few shapes, not one per
+        # target count (on CPU each new shape costs kernels that stay in memory)
+        n = len(hidden)
+        h = F.pad(hidden.to(dtype), (0, 0, 0, -n % chunk))
         logits = torch.empty(len(h), len(weight), dtype=dtype, device=h.device)
         for v in range(0, len(weight), VOCAB_CHUNK):
             logits[:, v:v + VOCAB_CHUNK] = h @ weight[v:v + VOCAB_CHUNK].to(dtype).T
         loss = torch.zeros((), device=h.device)
-        for start in range(0, len(h), chunk):
-            block = logits[start:start + chunk].float()
-            rows, t = torch.arange(len(block), device=h.device), targets[start:start + chunk]
+        for start in range(0, n, chunk):
+            t = targets[start:start + chunk]
+            block = logits[start:start + len(t)].float()
+            rows = torch.arange(len(t), device=h.device)
             log_norm = torch.logsumexp(block, dim=1)
             loss += (log_norm - block[rows, t]).sum()
             if keep_grad:
                 probs = block.sub_(log_norm[:, None]).exp_()
                 probs[rows, t] -= 1
-                logits[start:start + chunk] = probs
+                logits[start:start + len(t)] = probs
+        logits[n:] = 0  # the zero rows have no loss, so no gradient
         ctx.save_for_backward(h, weight, logits if keep_grad else None)
-        ctx.hidden_dtype = hidden.dtype
+        ctx.hidden_dtype, ctx.rows = hidden.dtype, n
         return loss
 
     @staticmethod
@@ -130,7 +136,8 @@ class HeadCrossEntropy(torch.autograd.Function):
             grad_slice = grad_logits[:, v:v + VOCAB_CHUNK]
             grad_hidden += grad_slice @ weight[v:v + VOCAB_CHUNK].to(h.dtype)
             grad_weight[v:v + VOCAB_CHUNK] = grad_slice.T @ h
-        return (grad_hidden * grad_loss).to(ctx.hidden_dtype), grad_weight, None, None, None
+        grad_hidden = grad_hidden[:ctx.rows] * grad_loss
+        return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None
 
 
 class AdamWInBackward:
