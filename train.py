@@ -36,7 +36,7 @@ TINY_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_ev
 
 
 # ---- loss ----------------------------------------------------------------------------------
-HEAD_CHUNK = 128  # rows of logits at a time: 128 x 50257 fp32 is 26 MB
+HEAD_CHUNK = 128  # rows of logits at a time (128 x 50257 fp32 is 26 MB); rows padded to a multiple
 PAD_MULTIPLE = 16  # batch lengths are padded to a multiple of it (collate.padded_length)
 
 
