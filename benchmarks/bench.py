@@ -219,11 +219,13 @@ def describe_result(r: dict) -> str:
         return (f"inference ({how}): {r['new_tokens']} new tokens for {r['prompts']} prompts "
                 f"in {r['seconds']:.1f} s "
                 f"= {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss'] / GIB:.2f} GiB")
+    padding = f" padded to a multiple of {r['pad_multiple']}" if r.get("pad_multiple", 1) > 1 else ""
+    attention = "the book's" if r.get("book_model") else \
+        "the per-batch kernel's" if r.get("pick_attention") else "the fused kernel's"
     settings = (f"{'the book' if r.get('book_model') else 'this project'}'s modules, "
                 f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
                 f"{'length-grouped' if r['group'] else 'shuffled'} batches"
-                f"{' padded to a multiple of ' + str(r['pad_multiple']) if r.get('pad_multiple', 1) > 1 else ''}, "
-                f"{'per-batch' if r.get('pick_attention') else 'fused'} attention kernel, "
+                f"{padding}, {attention} attention, "
                 f"{'weights recast in backward, ' if r.get('recast') else ''}"
                 f"{'freed memory returned each step, ' if r.get('trim') else ''}"
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
