@@ -9,6 +9,7 @@ import argparse
 import collections
 import csv
 import http.client
+import importlib
 import json
 import os
 import re
@@ -403,7 +404,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# `python evaluate.py <benchmark> ...` runs the `main(argv)` of a small file in evals/; those files
+# import this one, never the reverse: a benchmark's module is looked up only when it is asked for.
+BENCHMARKS = {name: f"evals.{module}" for name, module in (
+    ("squad", "squad"), ("triviaqa", "triviaqa"), ("bigbench", "bigbench"),
+    ("openai-evals", "openai_evals"), ("mmlu", "mmlu"), ("glue", "glue"),
+    ("superglue", "superglue"), ("humaneval", "humaneval"), ("pairwise", "pairwise"),
+    ("arena", "arena"), ("ratings", "ratings"), ("report", "report"))}
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in BENCHMARKS:
+        return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
     args = parse_args(argv)
     if args.responses:
         entries = load_responses(args.responses)

@@ -1,23 +1,20 @@
 """The GPT-2 model: architecture, presets, KV cache, and weight files.
 
 Entry points: `model_config(name)`, `GPTModel(cfg)`, `KVCache`, `load_gpt2(model, path)` for
-Hugging Face `model.safetensors` files, `download_gpt2(name)`, and `save_model` / `load_model` for
-this project's own checkpoints. Names follow the book's chapter 4 (`tok_emb`, `trf_blocks`,
+Hugging Face `model.safetensors` files, and `save_model` / `load_model` for this project's own
+checkpoints. It imports no other file of the project, so it can be copied alone. Names follow the book's chapter 4 (`tok_emb`, `trf_blocks`,
 `final_norm`, `out_head`); the query/key/value weights are one fused matrix, as in GPT-2's files.
 """
-import io
 import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import atomic_write_bytes, cache_root, download
 
 MODEL_NAMES = ("tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _SIZES = {  # emb_dim, n_layers, n_heads (GPT-2 paper, table 2)
@@ -324,36 +321,29 @@ def load_gpt2(model: GPTModel, path) -> GPTModel:
     return model
 
 
-def gpt2_url(name: str) -> str:
-    return f"https://huggingface.co/openai-community/{HF_NAMES[name]}/resolve/main/model.safetensors"
-
-
-def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Local path of a preset's `model.safetensors`, downloaded into the cache if not there yet."""
-    if name not in HF_NAMES:
-        raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(HF_NAMES)}")
-    dest = Path(cache_dir or cache_root()) / HF_NAMES[name] / "model.safetensors"
-    if dest.exists():
-        try:
-            check_safetensors_complete(dest)
-            return dest
-        except ValueError as e:  # damaged after it was downloaded: never used, fetched again
-            print(f"warning: {e}; downloading it again", file=sys.stderr)
-            dest.unlink()
-    try:
-        return download(gpt2_url(name), dest)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"{name} weights not found at {dest} and the download failed ({e}); pass "
-            f"--weights PATH to a local model.safetensors, or use --model tiny to train offline") from None
-
-
 # ---- this project's own checkpoints ---------------------------------------------------------
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it: the
+    file is the old one or the complete new one, and it is streamed (never a copy in memory)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # name the file asked for, not the temporary one
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
 def save_model(model: GPTModel, cfg: dict, path) -> None:
     """Write the weights and the config they need to `path` atomically (temp file + rename)."""
-    buf = io.BytesIO()
-    torch.save({"format": "gpt2-instruct", "config": dict(cfg), "state_dict": model.state_dict()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save({"format": "gpt2-instruct", "config": dict(cfg), "state_dict": model.state_dict()},
+                path)
 
 
 def read_checkpoint(path) -> dict:

@@ -8,6 +8,7 @@ Book names: `calc_loss_batch`, `calc_loss_loader`, `evaluate_model`, `plot_losse
 import argparse
 import io
 import math
+import os
 import signal
 import sys
 import time
@@ -19,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from collate import make_loader
-from data import (InstructionDataset, atomic_write_bytes, cli_main, get_tokenizer, load_data,
-                  split_data, write_json)
+from data import (InstructionDataset, atomic_write_bytes, cache_root, cli_main, download,
+                  get_tokenizer, load_data, split_data, write_json)
 from fastpath import (AdamWInBackward, HeadCrossEntropy, attention_kernel, recast_saved_weights,
                       release_free_memory)
 from generate import generate_responses, pick_device
-from gpt import (MODEL_NAMES, GPTModel, download_gpt2, load_state, load_weights, model_config,
-                 read_checkpoint, save_model)
+from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, atomic_save, check_safetensors_complete,
+                 load_state, load_weights, model_config, read_checkpoint, save_model)
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
 BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
@@ -146,9 +147,7 @@ def save_checkpoint(path, model, optimizer, state: RunState, best_weights, cfg) 
     ckpt = {"format": "gpt2-instruct-checkpoint", "config": cfg, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "state": asdict(state),
             "best_weights": best_weights, "torch_rng": torch.get_rng_state()}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save(ckpt, path)  # streamed to a temporary file: no second copy in memory
 
 
 def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
@@ -282,6 +281,30 @@ def train_model(model, optimizer, train_loader, val_loader, args, state: RunStat
 
 
 # ---- setting up a run ----------------------------------------------------------------------
+def gpt2_url(name: str) -> str:
+    return f"https://huggingface.co/openai-community/{HF_NAMES[name]}/resolve/main/model.safetensors"
+
+
+def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local path of a preset's `model.safetensors`, downloaded into the cache if not there yet."""
+    if name not in HF_NAMES:
+        raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(HF_NAMES)}")
+    dest = Path(cache_dir or cache_root()) / HF_NAMES[name] / "model.safetensors"
+    if dest.exists():
+        try:
+            check_safetensors_complete(dest)
+            return dest
+        except ValueError as e:  # damaged after it was downloaded: never used, fetched again
+            print(f"warning: {e}; downloading it again", file=sys.stderr)
+            dest.unlink()
+    try:
+        return download(gpt2_url(name), dest)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{name} weights not found at {dest} and the download failed ({e}); pass "
+            f"--weights PATH to a local model.safetensors, or use --model tiny to train offline") from None
+
+
 def make_autocast(device: torch.device, bf16: bool, cache: bool = False):
     """A factory of bf16 autocast contexts (no-ops when bf16 is False).
 

@@ -229,22 +229,6 @@ def test_load_weights_accepts_a_plain_state_dict(tmp_path, model):
     torch.testing.assert_close(other(idx), model(idx))
 
 
-def test_download_gpt2_offline_names_both_ways_forward(tmp_path, monkeypatch):
-    def refuse(url, dest, **kw):
-        raise OSError(f"cannot reach {url}")
-    monkeypatch.setattr(gpt, "download", refuse)
-    with pytest.raises(FileNotFoundError, match="--weights PATH.*--model tiny"):
-        gpt.download_gpt2("gpt2-small", cache_dir=tmp_path)
-
-
-def test_download_gpt2_uses_a_cached_file_without_network(tmp_path, monkeypatch):
-    dest = tmp_path / "gpt2" / "model.safetensors"
-    dest.parent.mkdir()
-    dest.write_bytes(safetensors_bytes(hf_gpt2_tensors(SMALL)))
-    monkeypatch.setattr(gpt, "download", lambda *a, **k: pytest.fail("network used"))
-    assert gpt.download_gpt2("gpt2-small", cache_dir=tmp_path) == dest
-
-
 def test_matches_transformers_gpt2_when_installed(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -240,9 +240,9 @@ def test_truncated_cached_gpt2_file_is_never_used_but_fetched_again(tmp_path, mo
         fetched.append(url)
         path.write_bytes(good)
         return path
-    monkeypatch.setattr(gpt, "download", fake_download)
-    path = gpt.download_gpt2("gpt2-small", cache_dir=tmp_path)
-    assert fetched == [gpt.gpt2_url("gpt2-small")] and path.read_bytes() == good
+    monkeypatch.setattr(train, "download", fake_download)
+    path = train.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    assert fetched == [train.gpt2_url("gpt2-small")] and path.read_bytes() == good
     assert "downloading it again" in capsys.readouterr().err
     load_weights(GPTModel(SMALL), path)
 
@@ -304,12 +304,12 @@ def test_gpt2_download_cut_short_leaves_no_model_and_the_next_run_resumes(server
                                                                         monkeypatch):
     server.body = safetensors_bytes(hf_gpt2_tensors(SMALL))
     server.drop_after = len(server.body) // 2
-    monkeypatch.setattr(gpt, "gpt2_url", lambda name: server.url + "/model.safetensors")
+    monkeypatch.setattr(train, "gpt2_url", lambda name: server.url + "/model.safetensors")
     with pytest.raises(FileNotFoundError, match="run again to resume.*--weights PATH"):
-        gpt.download_gpt2("gpt2-small", cache_dir=tmp_path)
+        train.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert names(tmp_path / "gpt2") == ["model.safetensors.part"]
     server.drop_after = None
-    path = gpt.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    path = train.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert server.seen[-1] == f"bytes={len(server.body) // 2}-"
     assert names(tmp_path / "gpt2") == ["model.safetensors"]
     load_gpt2(GPTModel(SMALL), path)

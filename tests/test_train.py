@@ -13,6 +13,7 @@ import train
 from collate import custom_collate_fn
 from data import InstructionDataset, get_tokenizer, load_data
 from gpt import GPTModel, load_model, model_config
+from safetensors_io import hf_gpt2_tensors, safetensors_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
@@ -207,3 +208,19 @@ def test_help_explains_every_flag():
                  "--eval-batches", "--patience", "--max-length", "--precision", "--device",
                  "--seed", "--out-dir", "--save-every", "--resume", "--no-generate"):
         assert flag in result.stdout
+
+
+def test_download_gpt2_offline_names_both_ways_forward(tmp_path, monkeypatch):
+    def refuse(url, dest, **kw):
+        raise OSError(f"cannot reach {url}")
+    monkeypatch.setattr(train, "download", refuse)
+    with pytest.raises(FileNotFoundError, match="--weights PATH.*--model tiny"):
+        train.download_gpt2("gpt2-small", cache_dir=tmp_path)
+
+
+def test_download_gpt2_uses_a_cached_file_without_network(tmp_path, monkeypatch):
+    dest = tmp_path / "gpt2" / "model.safetensors"
+    dest.parent.mkdir()
+    dest.write_bytes(safetensors_bytes(hf_gpt2_tensors(SMALL)))
+    monkeypatch.setattr(train, "download", lambda *a, **k: pytest.fail("network used"))
+    assert train.download_gpt2("gpt2-small", cache_dir=tmp_path) == dest
