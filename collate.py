@@ -129,11 +129,13 @@ class WithPromptLength:
 
 def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 123,
                 mask_prompt: bool = False, allowed_max_length: int | None = None,
-                group_by_length: bool = True, device="cpu", pad_to_multiple: int = 1) -> DataLoader:
+                group_by_length: bool = True, device="cpu", pad_to_multiple: int = 1,
+                pin_memory: bool = False) -> DataLoader:
     """A DataLoader over `dataset` (an InstructionDataset, or any list of token lists) using
     custom_collate_fn and a LengthGroupedBatchSampler (reach it as `loader.batch_sampler` to call
     set_epoch). Grouping applies only with shuffle: evaluation keeps the data's order.
-    pad_to_multiple > 1 pads every batch's length up to a multiple of it (`padded_length`)."""
+    pad_to_multiple > 1 pads every batch's length up to a multiple of it (`padded_length`).
+    pin_memory (for CUDA) lets the batches be copied to the GPU while it computes."""
     lengths = getattr(dataset, "lengths", None) or [len(dataset[i]) for i in range(len(dataset))]
     padded_length(1, pad_to_multiple)  # a bad multiple is refused now, not at the first batch
     sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, drop_last=drop_last,
@@ -141,4 +143,5 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
     collate = partial(custom_collate_fn, allowed_max_length=allowed_max_length, device=device,
                       mask_prompt=mask_prompt, pad_to_multiple=pad_to_multiple)
     return DataLoader(WithPromptLength(dataset) if mask_prompt else dataset,
-                      batch_sampler=sampler, collate_fn=collate, num_workers=0)
+                      batch_sampler=sampler, collate_fn=collate, num_workers=0,
+                      pin_memory=pin_memory)

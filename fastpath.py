@@ -1,37 +1,22 @@
-"""The training fast path's drop-in pieces, each doing a standard one's arithmetic.
+"""Opt-in training tricks, each doing a standard piece's arithmetic, measured in benchmarks/bench.py.
 
-`HeadCrossEntropy` is `F.cross_entropy` over the output head that never holds all the logits in
-fp32; `AdamWInBackward` is `torch.optim.AdamW` that updates each weight during backward, so the
-gradients never all exist at once; `recast_saved_weights` keeps autocast's bf16 weight copies out
-of the saved activations; `attention_kernel` picks the faster attention kernel for a batch;
-`release_free_memory` hands back what the C allocator keeps. train.py uses all of them; the tests
-check each against the standard piece it replaces. Measured gains: README, Performance.
+None of them is in train.py's default path: each bought less than 10 % of speed or memory on the
+machines measured (README, Performance), so the default step stays the book's. `chunked_head_loss`
+is `train.calc_loss_batch` without the (targets, vocab) logits in fp32; `AdamWInBackward` updates
+each weight during backward, so the gradients never all exist at once (gradient clipping and
+accumulation then cannot work); `recast_saved_weights` keeps autocast's bf16 weight copies out of
+the saved activations; `release_free_memory` hands back what the C allocator keeps.
 """
 import ctypes
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from collate import padded_length
 
 VOCAB_CHUNK = 8192  # rows of the head's weight at a time: 8192 x 768 bf16 is 13 MB
-PLAIN_ATTENTION_MAX = 128  # longest rows for which the plain kernel trains faster on CPU
-
-
-def attention_kernel(device: torch.device, seq_len: int):
-    """A context that makes `scaled_dot_product_attention` train faster on this batch.
-
-    On CPU the fused (flash) kernel's backward is slow on short rows: forward and backward of
-    a GPT-2-small layer took 9.5 ms at 64 tokens against 5.5 ms for the plain softmax(QK^T)V
-    kernel, and 19 against 12 ms at 128. From 256 tokens the fused kernel wins, and it never
-    holds the (T, T) attention weights, so it keeps longer rows and other devices.
-    """
-    if device.type == "cpu" and seq_len <= PLAIN_ATTENTION_MAX:
-        return sdpa_kernel(SDPBackend.MATH)
-    return nullcontext()
+HEAD_CHUNK = 128  # rows of logits at a time (128 x 50257 fp32 is 26 MB)
 
 
 def _pack_saved(tensor):
@@ -140,6 +125,15 @@ class HeadCrossEntropy(torch.autograd.Function):
             grad_weight[v:v + VOCAB_CHUNK] = grad_slice.T @ h
         grad_hidden = grad_hidden[:ctx.rows] * grad_loss
         return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None
+
+
+def chunked_head_loss(input_batch, target_batch, model, device):
+    """`train.calc_loss_batch` (head only on target positions) through `HeadCrossEntropy`."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    keep = target_batch != -100
+    loss = HeadCrossEntropy.apply(model.hidden(input_batch)[keep], model.out_head.weight,
+                                  target_batch[keep], HEAD_CHUNK, torch.is_grad_enabled())
+    return loss / keep.sum().clamp(min=1)
 
 
 class AdamWInBackward:

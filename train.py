@@ -12,18 +12,18 @@ import os
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from collate import make_loader
 from data import (InstructionDataset, atomic_write_bytes, cache_root, cli_main, download,
                   get_tokenizer, load_data, split_data, write_json)
-from fastpath import (AdamWInBackward, HeadCrossEntropy, attention_kernel, recast_saved_weights,
-                      release_free_memory)
 from generate import generate_responses, pick_device
 from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, atomic_save, check_safetensors_complete,
                  load_state, load_weights, model_config, read_checkpoint, save_model)
@@ -34,100 +34,93 @@ BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_eve
 # Training from scratch needs more epochs and a higher learning rate than fine-tuning.
 TINY_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=50,
                      eval_batches=5, patience=6, max_length=256)
-
-
-# ---- loss ----------------------------------------------------------------------------------
-HEAD_CHUNK = 128  # rows of logits at a time (128 x 50257 fp32 is 26 MB); rows padded to a multiple
 PAD_MULTIPLE = 16  # batch lengths are padded to a multiple of it (collate.padded_length)
 
 
-def calc_loss_batch(input_batch, target_batch, model, full_head=False):
-    """Mean cross-entropy over the targets that are not -100.
+# ---- the book's training functions -----------------------------------------------------------
+def calc_loss_batch(input_batch, target_batch, model, device, full_head=False):
+    """The book's loss: mean cross-entropy of the next-token predictions, -100 targets ignored.
 
-    The output head runs only on positions that have a target: padding and masked prompt
-    positions never pay for the 50257-wide projection, and `HeadCrossEntropy` never holds all
-    their logits at once. `full_head=True` is the book's way (logits everywhere, then
-    ignore_index), kept as the reference. A batch with no targets gives 0.0 instead of NaN
-    (its gradient is zero, and the caller skips the step).
+    The book computes the 50257-wide logits at every position and then ignores the padding
+    (and, with --mask-prompt, the prompt); here the output head runs only on the positions that
+    have a target, which gives the same loss for less compute and memory. `full_head=True` (or
+    a model without `hidden`, such as the book's own GPTModel) is the book's way. A batch with
+    no targets gives 0.0 instead of NaN, so it changes no weight.
     """
-    if full_head:
+    input_batch = input_batch.to(device, non_blocking=True)
+    target_batch = target_batch.to(device, non_blocking=True)
+    if full_head or not hasattr(model, "hidden"):
         logits = model(input_batch)
-        return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten(),
-                               ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
     keep = target_batch != -100
-    loss = HeadCrossEntropy.apply(model.hidden(input_batch)[keep], model.out_head.weight,
-                                  target_batch[keep], HEAD_CHUNK, torch.is_grad_enabled())
-    return loss / max(int(keep.sum()), 1)
+    logits = model.out_head(model.hidden(input_batch)[keep])  # (targets, vocab)
+    loss = F.cross_entropy(logits, target_batch[keep], reduction="sum")
+    return loss / keep.sum().clamp(min=1)
 
 
-def calc_loss_loader(data_loader, model, num_batches=None, autocast=nullcontext) -> float:
+def calc_loss_loader(data_loader, model, device, num_batches=None, autocast=nullcontext,
+                     loss_fn=calc_loss_batch) -> float:
     """Average batch loss over the first `num_batches` batches (all when None), as the book."""
     total, count = 0.0, 0
-    for i, (inputs, targets) in enumerate(data_loader):
+    for i, (input_batch, target_batch) in enumerate(data_loader):
         if num_batches is not None and i >= num_batches:
             break
         with autocast():
-            total += calc_loss_batch(inputs, targets, model).item()
+            total += loss_fn(input_batch, target_batch, model, device).item()
         count += 1
     return total / count if count else float("nan")
 
 
-def make_optimizer(model, lr: float, weight_decay: float, device: torch.device,
-                   in_backward: bool = True):
-    """The book's AdamW, with the fused kernel (much faster on CPU than the per-tensor loop).
+@torch.no_grad()
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, autocast=nullcontext,
+                   loss_fn=calc_loss_batch) -> tuple[float, float]:
+    """The book's evaluation: training and validation loss over `eval_iter` batches each."""
+    model.eval()
+    train_loss = calc_loss_loader(train_loader, model, device, eval_iter, autocast, loss_fn)
+    val_loss = calc_loss_loader(val_loader, model, device, eval_iter, autocast, loss_fn)
+    model.train()
+    return train_loss, val_loss
 
-    in_backward=True updates each weight during backward (`AdamWInBackward`), which saves the
-    memory of a full set of gradients; False is the usual step after backward.
+
+def train_step(model, optimizer, input_batch, target_batch, device, autocast=nullcontext,
+               loss_fn=calc_loss_batch) -> tuple[float, int]:
+    """One step of the book's loop; returns (loss, number of target tokens).
+
+    Zero the gradients, forward pass and loss, backward pass, optimizer step. A loss that is
+    not finite is returned before it can touch the weights (the caller stops the run).
     """
-    kwargs = dict(lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
-    if in_backward:
-        return AdamWInBackward(model.parameters(), **kwargs)
-    return torch.optim.AdamW(model.parameters(), **kwargs)
-
-
-def forward_context(inputs, autocast, pick_attention=True, recast_weights=True) -> ExitStack:
-    """The contexts a training forward pass runs in: autocast, and the fast path's switches."""
-    stack = ExitStack()
-    stack.enter_context(autocast())
-    if pick_attention:
-        stack.enter_context(attention_kernel(inputs.device, inputs.shape[1]))
-    if recast_weights:
-        stack.enter_context(recast_saved_weights())
-    return stack
-
-
-def train_step(model, optimizer, inputs, targets, autocast, full_head=False,
-               pick_attention=True, recast_weights=True,
-               trim_memory=True) -> tuple[float, int]:
-    """One optimizer step; returns (loss, number of target tokens).
-
-    A non-finite loss is returned before it can touch the weights. The last step's gradients
-    are freed first, as in the book, so they never share memory with this step's activations.
-    The other switches are the fast path's, each measured in benchmarks/bench.py: the faster
-    attention kernel for the batch's length, weights cast again in backward instead of saved
-    in bf16, and freed memory handed back after the step (see fastpath.py).
-    """
-    n_targets = int((targets != -100).sum())
-    optimizer.zero_grad(set_to_none=True)
-    with forward_context(inputs, autocast, pick_attention, recast_weights):
-        loss = calc_loss_batch(inputs, targets, model, full_head)
+    n_targets = int((target_batch != -100).sum())
+    optimizer.zero_grad()
+    with autocast(), attention_kernel(device, input_batch.shape[1]):
+        loss = loss_fn(input_batch, target_batch, model, device)
     if not torch.isfinite(loss):
         return loss.item(), n_targets
-    if n_targets:  # an all-masked batch carries no signal
-        loss.backward()
-        optimizer.step()
-    if trim_memory:
-        release_free_memory()
+    loss.backward()
+    optimizer.step()
     return loss.item(), n_targets
 
 
-@torch.no_grad()
-def evaluate_model(model, train_loader, val_loader, eval_iter, autocast) -> tuple[float, float]:
-    model.eval()
-    train_loss = calc_loss_loader(train_loader, model, eval_iter, autocast)
-    val_loss = calc_loss_loader(val_loader, model, eval_iter, autocast)
-    model.train()
-    return train_loss, val_loss
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
+    """The book's AdamW over the weights that train; the fused kernel where there is one (one
+    kernel for all weights instead of a loop: 1.18x faster steps on CPU, README, Performance)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
+PLAIN_ATTENTION_MAX = 128  # longest rows for which the plain kernel trains faster on CPU
+
+
+def attention_kernel(device: torch.device, seq_len: int):
+    """On CPU, the plain softmax(QK^T)V attention kernel for rows up to 128 tokens.
+
+    The fused (flash) kernel's backward is slow on short rows on CPU (9.5 ms against 5.5 ms
+    for a GPT-2-small layer at 64 tokens); from 256 tokens, and on GPUs, it wins, and it never
+    holds the (T, T) weights, so it is kept there.
+    """
+    if device.type == "cpu" and seq_len <= PLAIN_ATTENTION_MAX:
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 # ---- the run's state: everything a checkpoint needs to continue exactly ----------------------
@@ -169,7 +162,6 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
 
 
 def copy_weights(model) -> dict:
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -207,8 +199,9 @@ class Interrupted(Exception):
         self.best = best
 
 
-def train_model(model, optimizer, train_loader, val_loader, args, state: RunState, best: dict,
-                autocast, on_epoch_end, on_save, log=print) -> tuple[str, dict]:
+def train_model(model, optimizer, train_loader, val_loader, device, args, state: RunState,
+                best: dict, autocast, loss_fn, on_epoch_end, on_save,
+                log=print) -> tuple[str, dict]:
     """Train until the epochs, --max-steps or patience run out; returns (stop reason, best weights).
 
     Evaluates every `args.eval_every` steps (before the first step and after the last too),
@@ -224,8 +217,8 @@ def train_model(model, optimizer, train_loader, val_loader, args, state: RunStat
     start_tokens = state.tokens_seen
 
     def evaluate():
-        train_loss, val_loss = evaluate_model(model, train_loader, val_loader,
-                                              args.eval_batches, autocast)
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device,
+                                              args.eval_batches, autocast, loss_fn)
         elapsed = time.perf_counter() - start
         done = state.step - start_step
         rate = (state.tokens_seen - start_tokens) / elapsed if elapsed > 0 else 0.0
@@ -252,8 +245,8 @@ def train_model(model, optimizer, train_loader, val_loader, args, state: RunStat
             for i, (inputs, targets) in enumerate(train_loader):
                 if i < state.batch:  # resuming: these batches were trained on already
                     continue
-                loss, n_targets = train_step(model, optimizer, inputs, targets, autocast,
-                                             args.full_head)
+                loss, n_targets = train_step(model, optimizer, inputs, targets, device,
+                                             autocast, loss_fn)
                 if not math.isfinite(loss):
                     raise ValueError(f"loss became {loss} at step {state.step + 1}; "
                                      f"the last good checkpoint is kept (try a lower --lr)")
@@ -305,14 +298,9 @@ def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path
             f"--weights PATH to a local model.safetensors, or use --model tiny to train offline") from None
 
 
-def make_autocast(device: torch.device, bf16: bool, cache: bool = False):
-    """A factory of bf16 autocast contexts (no-ops when bf16 is False).
-
-    Autocast's cache of bf16 weight copies is off: each weight is used once a forward pass, so
-    the cache saves no cast, and without it `recast_saved_weights` frees each copy after use.
-    """
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
-                                  cache_enabled=cache)
+def make_autocast(device: torch.device, bf16: bool):
+    """A factory of bf16 autocast contexts (no-ops when bf16 is False)."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -360,8 +348,9 @@ def prepare_loaders(args, data, tokenizer, device, log=print):
         loaders.append(make_loader(dataset, args.batch_size, shuffle=is_train, drop_last=is_train,
                                    seed=args.seed, mask_prompt=args.mask_prompt,
                                    allowed_max_length=args.max_length,
-                                   group_by_length=not args.no_length_grouping, device=device,
-                                   pad_to_multiple=args.pad_multiple))
+                                   group_by_length=not args.no_length_grouping,
+                                   pad_to_multiple=args.pad_multiple,
+                                   pin_memory=device.type == "cuda"))
     return loaders, (train_data, val_data, test_data)
 
 
@@ -450,7 +439,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
                    help=f"pad each batch's length to a multiple of N ({PAD_MULTIPLE}; 1: the book's "
                         f"longest-entry padding)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the loss (model and head) with BACKEND (inductor)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return fill_defaults(p.parse_args(argv))
@@ -458,7 +448,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    log = (lambda *a, **k: None) if args.quiet else print
+    log = (lambda *a, **k: None) if args.quiet else partial(print, flush=True)  # seen as it happens
     out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
     check_out_dir(out_dir)
     data = load_data(args.data)
@@ -479,7 +469,9 @@ def main(argv=None) -> None:
         f"weight decay {args.weight_decay}, eval every {args.eval_every} steps over "
         f"{args.eval_batches} batches, patience {args.patience}, max length {args.max_length}, "
         f"{'bf16 autocast' if bf16 else 'fp32'} on {device}, seed {args.seed}")
-    trained = torch.compile(model) if args.compile else model
+    loss_fn = partial(calc_loss_batch, full_head=True) if args.full_head else calc_loss_batch
+    if args.compile:  # the loss function, so the model's forward pass and the head compile
+        loss_fn = torch.compile(loss_fn, backend=args.compile)
 
     def save(state, best):
         save_checkpoint(ckpt_path, model, optimizer, state, best, cfg)
@@ -492,8 +484,9 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     try:
-        reason, best = train_model(trained, optimizer, train_loader, val_loader, args, state,
-                                   best or copy_weights(model), autocast, epoch_end, save, log)
+        reason, best = train_model(model, optimizer, train_loader, val_loader, device, args,
+                                   state, best or copy_weights(model), autocast, loss_fn,
+                                   epoch_end, save, log)
     except Interrupted as stop:
         save(state, stop.best)
         print(f"{stop}; checkpoint written to {ckpt_path}; continue with --resume",

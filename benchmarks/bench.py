@@ -13,6 +13,8 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,35 +24,41 @@ from bench_generate import EOS  # noqa: E402
 from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
-from generate import encode_prompts, generate, generate_batched  # noqa: E402
+from generate import encode_prompts, generate, generate_batched, pick_device  # noqa: E402
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
-from train import (DEFAULT_DATA, PAD_MULTIPLE, calc_loss_batch, forward_context,  # noqa: E402
-                   make_autocast, make_optimizer, train_step, use_bf16)
+import train as train_module  # noqa: E402
+from fastpath import (AdamWInBackward, chunked_head_loss, recast_saved_weights,  # noqa: E402
+                      release_free_memory)
+from train import (DEFAULT_DATA, PAD_MULTIPLE, calc_loss_batch, make_autocast,  # noqa: E402
+                   make_optimizer, train_step, use_bf16)
 
 GIB = 2**30
-FAST = dict(precision="auto", group=True, full_head=False, tied=True, fused=True, in_backward=True,
-            pad_multiple=PAD_MULTIPLE, pick_attention=True, recast=True, trim=True)
-PLAIN = dict(FAST, precision="fp32", group=False, full_head=True, in_backward=False,
-             pad_multiple=1, pick_attention=False, recast=False, trim=False)
+# train.py's default step, and each way to change it: the flags of this script (train.py has the
+# ones marked so in the README); fastpath.py's opt-in tricks come last.
+DEFAULT = dict(precision="auto", group=True, full_head=False, tied=True, fused=True,
+               pad_multiple=PAD_MULTIPLE, pick_attention=True, chunked_head=False,
+               in_backward=False, recast=False, trim=False)
+PLAIN = dict(DEFAULT, precision="fp32", group=False, full_head=True, pad_multiple=1,
+             pick_attention=False)
 BOOK = dict(PLAIN, book_model=True, tied=False, fused=False)  # the book's modules and AdamW
-COMPARE = [  # (label, training settings): the reference paths, then the fast path minus one thing
+OLD_DEFAULT = dict(DEFAULT, chunked_head=True, in_backward=True, recast=True, trim=True)
+COMPARE = [  # (label, training settings): the references, the default, then one change each
     ("book: its modules, untied head, AdamW; fp32, shuffled, full head", BOOK),
     ("plain: this model, fp32, shuffled, full head", PLAIN),
-    ("fast: auto precision, length-grouped, head on targets", FAST),
-    ("fast with fp32 (`--precision fp32`)", dict(FAST, precision="fp32")),
-    ("fast with shuffled batches (`--no-length-grouping`)", dict(FAST, group=False)),
-    ("fast with the book's padding to the longest row (`--pad-multiple 1`)",
-     dict(FAST, pad_multiple=1)),
-    ("fast with the fused attention kernel throughout (`--fused-attention`)",
-     dict(FAST, pick_attention=False)),
-    ("fast keeping autocast's bf16 weight copies (`--keep-weight-casts`)",
-     dict(FAST, recast=False)),
-    ("fast without handing freed memory back (`--no-trim`)", dict(FAST, trim=False)),
-    ("fast with the full head (`--full-head`)", dict(FAST, full_head=True)),
-    ("fast with an untied head (`--untied-head`)", dict(FAST, tied=False)),
-    ("fast with the AdamW step after backward (`--step-after-backward`)",
-     dict(FAST, in_backward=False)),
-    ("fast with unfused AdamW (`--unfused-adamw`)", dict(FAST, fused=False, in_backward=False)),
+    ("default (`python train.py`)", DEFAULT),
+    ("default with fp32 (`--precision fp32`)", dict(DEFAULT, precision="fp32")),
+    ("default with shuffled batches (`--no-length-grouping`)", dict(DEFAULT, group=False)),
+    ("default with the book's padding (`--pad-multiple 1`)", dict(DEFAULT, pad_multiple=1)),
+    ("default with the full head (`--full-head`)", dict(DEFAULT, full_head=True)),
+    ("default with the fused attention kernel on short rows (bench `--fused-attention`)",
+     dict(DEFAULT, pick_attention=False)),
+    ("default with unfused AdamW (bench `--unfused-adamw`)", dict(DEFAULT, fused=False)),
+    ("default with an untied head (bench `--untied-head`)", dict(DEFAULT, tied=False)),
+    ("+ chunked head loss (bench `--chunked-head`)", dict(DEFAULT, chunked_head=True)),
+    ("+ AdamW in backward (bench `--adamw-in-backward`)", dict(DEFAULT, in_backward=True)),
+    ("+ bf16 weights recast in backward (bench `--recast-weights`)", dict(DEFAULT, recast=True)),
+    ("+ freed memory handed back each step (bench `--trim`)", dict(DEFAULT, trim=True)),
+    ("the previous default: all four above (bench `--old-default`)", OLD_DEFAULT),
 ]
 
 
@@ -77,31 +85,35 @@ def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int, max_
     return batches[:n]
 
 
-def time_phases(model, optimizer, batches, autocast, full_head: bool, pick_attention: bool,
-                recast: bool) -> dict:
-    """Seconds per step in forward+loss, backward and the optimizer (a diagnostic only; with
-    AdamW in backward, the optimizer's time is inside backward)."""
-    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    for inputs, targets in batches:
-        optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with forward_context(inputs, autocast, pick_attention, recast):
-            loss = calc_loss_batch(inputs, targets, model, full_head)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        t3 = time.perf_counter()
-        for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-            phases[name] += seconds / len(batches)
-    return phases
+def bench_step(model, optimizer, inputs, targets, device, autocast, loss_fn, recast: bool,
+               trim: bool) -> tuple[float, int]:
+    """train.train_step, with fastpath's recast and trim around it when asked."""
+    with recast_saved_weights() if recast else nullcontext():
+        result = train_step(model, optimizer, inputs, targets, device, autocast, loss_fn)
+    if trim:
+        release_free_memory()
+    return result
+
+
+def make_bench_optimizer(net, device, fused: bool, in_backward: bool):
+    if in_backward:
+        return AdamWInBackward(net.parameters(), lr=5e-5, weight_decay=0.1, fused=fused)
+    if fused:
+        return make_optimizer(net, 5e-5, 0.1, device)
+    return torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_training(model: str, precision: str, group: bool, full_head: bool, batch_size: int,
-                 steps: int, warmup: int, seed: int, data: str, tied: bool = True,
-                 fused: bool = True, in_backward: bool = False, book_model: bool = False,
-                 torch_compile: bool = False, breakdown: int = 0, pad_multiple: int = 1,
-                 pick_attention: bool = False, recast: bool = False, trim: bool = False) -> dict:
+                 steps: int, warmup: int, seed: int, data: str, device: str = "cpu",
+                 tied: bool = True, fused: bool = True, in_backward: bool = False,
+                 book_model: bool = False, torch_compile: bool = False, pad_multiple: int = 1,
+                 pick_attention: bool = False, chunked_head: bool = False, recast: bool = False,
+                 trim: bool = False) -> dict:
     """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
 
     tied=False, fused=False and book_model=True are the book's ways, which train.py does not
@@ -112,8 +124,9 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
     if book_model and (tied or not full_head):
         raise ValueError("the book's model has an untied head and computes logits everywhere")
     cfg = model_config(model)
+    dev = torch.device(device)
     dataset = InstructionDataset(split_data(load_data(data))[0], get_tokenizer())
-    batches = bench_batches(dataset, batch_size, warmup + steps + breakdown, group, seed,
+    batches = bench_batches(dataset, batch_size, warmup + steps, group, seed,
                             cfg["context_length"], pad_multiple)
     torch.manual_seed(seed)  # same initial weights in every configuration
     net = GPTModel(cfg).train()
@@ -121,44 +134,45 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
         net = from_gpt(net).train()
     elif not tied:
         net.out_head.weight = torch.nn.Parameter(net.tok_emb.weight.detach().clone())
-    device = torch.device("cpu")
-    bf16 = use_bf16(precision, device)
-    autocast = make_autocast(device, bf16, cache=not recast)
-    optimizer = make_optimizer(net, 5e-5, 0.1, device, in_backward) if fused \
-        else torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=0.1)
+    net.to(dev)
+    bf16 = use_bf16(precision, dev)
+    autocast = make_autocast(dev, bf16) if not recast else \
+        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False))
+    optimizer = make_bench_optimizer(net, dev, fused, in_backward)
+    loss_fn = chunked_head_loss if chunked_head else partial(calc_loss_batch, full_head=full_head)
+    if torch_compile:  # as train.py --compile; compiles during the warm-up steps
+        loss_fn = torch.compile(loss_fn)
+    if not pick_attention:
+        train_module.PLAIN_ATTENTION_MAX = 0  # the fused kernel on every row
     setup_rss = peak_rss()
     losses, tokens, positions, seconds = [], 0, 0, 0.0
-    step_net = torch.compile(net) if torch_compile else net  # compiles during the warm-up steps
     for i, (inputs, targets) in enumerate(batches[:warmup + steps]):
+        sync(dev)
         start = time.perf_counter()
-        loss, n_targets = train_step(step_net, optimizer, inputs, targets, autocast, full_head,
-                                     pick_attention, recast, trim)
+        loss, n_targets = bench_step(net, optimizer, inputs, targets, dev, autocast, loss_fn,
+                                     recast, trim)
+        sync(dev)
         elapsed = time.perf_counter() - start
         losses.append(loss)
         if i >= warmup:
             tokens, positions, seconds = tokens + n_targets, positions + inputs.numel(), \
                 seconds + elapsed
-    result = {"kind": "training", "model": model, "bf16": bf16, "group": group,
-              "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
-              "book_model": book_model, "compile": torch_compile,
-              "pad_multiple": pad_multiple, "pick_attention": pick_attention, "recast": recast,
-              "trim": trim,
-              "batch_size": batch_size,
-              "steps": steps, "warmup": warmup,
-              "target_tokens": tokens, "positions": positions, "seconds": seconds,
-              "tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
-              "losses": losses, "setup_rss": setup_rss, "peak_rss": peak_rss()}
-    if breakdown:
-        result["phases"] = time_phases(net, optimizer, batches[warmup + steps:], autocast,
-                                       full_head, pick_attention, recast)
-    return result
+    return {"kind": "training", "model": model, "device": device, "bf16": bf16, "group": group,
+            "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
+            "book_model": book_model, "compile": torch_compile, "pad_multiple": pad_multiple,
+            "pick_attention": pick_attention, "chunked_head": chunked_head, "recast": recast,
+            "trim": trim, "batch_size": batch_size, "steps": steps, "warmup": warmup,
+            "target_tokens": tokens, "positions": positions, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
+            "losses": losses, "setup_rss": setup_rss, "peak_rss": peak_rss(),
+            "peak_gpu": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None}
 
 
 def run_inference(model: str, prompts: int, max_new_tokens: int, batch_size: int, cache: bool,
-                  seed: int, data: str) -> dict:
+                  seed: int, data: str, device: str = "cpu") -> dict:
     """Greedy tokens/s on the first test prompts: cached batches, or the book's one-by-one loop."""
     torch.manual_seed(seed)
-    net = GPTModel(model_config(model)).eval()
+    net = GPTModel(model_config(model)).eval().to(device)
     ids = encode_prompts(split_data(load_data(data))[2][:prompts], get_tokenizer())
     start = time.perf_counter()
     if cache:
@@ -166,6 +180,7 @@ def run_inference(model: str, prompts: int, max_new_tokens: int, batch_size: int
     else:
         new = [generate(net, [p], max_new_tokens, eos_id=EOS, use_cache=False)[0][len(p):]
                for p in ids]
+    sync(torch.device(device))
     seconds = time.perf_counter() - start
     tokens = sum(len(t) for t in new)
     return {"kind": "inference", "model": model, "cache": cache, "prompts": len(ids),
@@ -226,6 +241,7 @@ def describe_result(r: dict) -> str:
                 f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
                 f"{'length-grouped' if r['group'] else 'shuffled'} batches"
                 f"{padding}, {attention} attention, "
+                f"{'chunked head loss, ' if r.get('chunked_head') else ''}"
                 f"{'weights recast in backward, ' if r.get('recast') else ''}"
                 f"{'freed memory returned each step, ' if r.get('trim') else ''}"
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
@@ -237,8 +253,6 @@ def describe_result(r: dict) -> str:
             f"tokens/s, {r['s_per_step']:.2f} s/step, "
             f"{r['target_tokens'] / r['positions']:.0%} of positions are targets, "
             f"peak RSS {r['peak_rss'] / GIB:.2f} GiB (after setup {r['setup_rss'] / GIB:.2f} GiB)")
-    if "phases" in r:
-        text += "\n  per step: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases"].items())
     return text
 
 
@@ -284,20 +298,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
                    help=f"pad batch lengths to a multiple of N ({PAD_MULTIPLE}; 1: the book's)")
     p.add_argument("--fused-attention", action="store_true",
-                   help="keep the fused attention kernel on short rows too")
-    p.add_argument("--keep-weight-casts", action="store_true",
-                   help="autograd keeps autocast's bf16 weight copies until backward")
-    p.add_argument("--no-trim", action="store_true",
-                   help="do not hand memory freed by a step back to the system")
+                   help="keep the fused attention kernel on short CPU rows too")
     p.add_argument("--untied-head", action="store_true", help="the book's separate output head")
     p.add_argument("--unfused-adamw", action="store_true", help="the book's AdamW update")
-    p.add_argument("--step-after-backward", action="store_true",
-                   help="the usual AdamW step after backward, not each weight during it")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--chunked-head", action="store_true",
+                   help="fastpath.chunked_head_loss: the head's logits never all in fp32")
+    p.add_argument("--adamw-in-backward", action="store_true",
+                   help="fastpath.AdamWInBackward: each weight updated during backward")
+    p.add_argument("--recast-weights", action="store_true",
+                   help="fastpath.recast_saved_weights: bf16 weight copies cast again in backward")
+    p.add_argument("--trim", action="store_true",
+                   help="fastpath.release_free_memory after each step (glibc malloc_trim)")
+    p.add_argument("--old-default", action="store_true",
+                   help="the four fastpath tricks together (train.py's default before this change)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss, as train.py")
     p.add_argument("--book-model", action="store_true",
                    help="the book's chapter 4 modules (needs --full-head and --untied-head)")
-    p.add_argument("--breakdown", type=int, default=0, metavar="N",
-                   help="then time N more steps split into forward, backward and optimizer")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="where to run (cpu; auto: cuda if there is one)")
     p.add_argument("--prompts", type=int, default=8, help="test prompts for inference (8)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per cached batch (16)")
@@ -311,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     """One line naming the CPU, its cores and torch, for the README table's caption."""
     try:
         name = next(line.split(":", 1)[1].strip()
@@ -320,13 +338,15 @@ def machine() -> str:
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
     bf16 = use_bf16("auto", torch.device("cpu"))
-    return (f"{name}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, native bf16: {'yes' if bf16 else 'no'}")
+    text = (f"{name} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"native bf16: {'yes' if bf16 else 'no'}")
+    return text + (f"; GPU: {torch.cuda.get_device_name()}" if device == "cuda" else "")
 
 
 def print_comparison(rows: list[tuple[str, dict]], inference: dict) -> None:
     if rows:
-        print("\n" + markdown_table(rows, {"book": rows[0][1], "plain": rows[1][1]}))
+        print("\n" + markdown_table(rows, {"book": rows[0][1], "default": rows[2][1]}))
         fast, fast_fp32 = rows[2][1], rows[3][1]
         if fast["bf16"]:
             gap = max_relative_gap(fast["losses"], fast_fp32["losses"])
@@ -348,23 +368,25 @@ def main(argv=None) -> None:
         run = run_training if job.pop("kind") == "training" else run_inference
         print(json.dumps(run(**job)))
         return
+    device = pick_device(args.device) if args.device == "auto" else args.device
     common = dict(model=args.model, seed=args.seed, data=args.data)
     train_job = dict(common, kind="training", batch_size=args.batch_size, steps=args.steps,
-                     warmup=args.warmup, breakdown=args.breakdown)
-    infer_job = dict(common, kind="inference", prompts=args.prompts,
+                     warmup=args.warmup, device=device)
+    infer_job = dict(common, kind="inference", prompts=args.prompts, device=device,
                      max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size)
+    old = args.old_default
     settings = [] if args.skip_training else COMPARE if args.compare else [
         ("this run", dict(precision=args.precision, group=not args.no_length_grouping,
                           full_head=args.full_head, tied=not args.untied_head,
-                          fused=not args.unfused_adamw,
-                          in_backward=not (args.step_after_backward or args.unfused_adamw),
-                          book_model=args.book_model, torch_compile=args.compile,
-                          pad_multiple=args.pad_multiple,
+                          fused=not args.unfused_adamw, book_model=args.book_model,
+                          torch_compile=args.compile, pad_multiple=args.pad_multiple,
                           pick_attention=not args.fused_attention,
-                          recast=not args.keep_weight_casts, trim=not args.no_trim))]
+                          chunked_head=args.chunked_head or old,
+                          in_backward=args.adamw_in_backward or old,
+                          recast=args.recast_weights or old, trim=args.trim or old))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
     print(f"{args.model}, batch {args.batch_size}, {args.steps} steps after {args.warmup} "
-          f"warm-up; {machine()}", flush=True)
+          f"warm-up; {machine(device)}", flush=True)
     rows, inference = [], {}
     for label, s in settings:
         rows.append((label, in_child(dict(train_job, **s))))

@@ -32,6 +32,17 @@ def test_tiny_run_prints_throughput_step_time_and_memory(tmp_path):
     assert '"tokens_per_s"' in (tmp_path / "r.json").read_text()
 
 
+def test_the_old_default_runs_through_every_fastpath_trick(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--steps", "1",
+                          "--warmup", "1", "--skip-inference", "--old-default"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("training ("))
+    for piece in ("chunked head loss", "weights recast in backward",
+                  "freed memory returned each step", "fused AdamW in backward"):
+        assert piece in line
+
+
 def test_table_gives_ratios_against_the_first_row():
     bench = load_bench()
     plain = {"tokens_per_s": 100.0, "s_per_step": 4.0, "peak_rss": 4 * 2**30}

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import fastpath
-from fastpath import (AdamWInBackward, HeadCrossEntropy, attention_kernel, recast_saved_weights,
-                      release_free_memory)
+from fastpath import (AdamWInBackward, HeadCrossEntropy, chunked_head_loss,
+                      recast_saved_weights, release_free_memory)
 from gpt import GPTModel
 
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
@@ -198,31 +198,6 @@ def test_recast_saved_weights_trains_like_autocast_with_its_cache():
     assert losses[:3] == losses[3:]
 
 
-# ---- attention_kernel ----------------------------------------------------------------------
-def test_attention_kernel_is_the_plain_one_for_short_rows_on_cpu_only():
-    limit = fastpath.PLAIN_ATTENTION_MAX
-    with attention_kernel(torch.device("cpu"), limit):
-        assert not torch.backends.cuda.flash_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
-    for device, length in (("cpu", limit + 1), ("cuda", 8)):
-        with attention_kernel(torch.device(device), length):
-            assert torch.backends.cuda.flash_sdp_enabled()
-
-
-def test_both_attention_kernels_give_the_same_loss_and_gradients():
-    torch.manual_seed(0)
-    model = GPTModel(SMALL)
-    inputs, targets = small_batches(1)[0]
-    results = []
-    for length in (6, fastpath.PLAIN_ATTENTION_MAX + 1):  # the plain kernel, then the fused one
-        with attention_kernel(torch.device("cpu"), length):
-            loss = lm_loss(model, inputs, targets)
-        results.append((loss, torch.autograd.grad(loss, model.parameters())))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
 # ---- release_free_memory -------------------------------------------------------------------
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -238,3 +213,17 @@ def test_release_free_memory_hands_freed_heap_blocks_back():
     before = resident_bytes()
     release_free_memory()
     assert before - resident_bytes() > 100 * 2**20
+
+
+def test_chunked_head_loss_equals_the_default_loss_and_gradients():
+    import train
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    inputs, targets = small_batches(1)[0]
+    results = []
+    for loss_fn in (train.calc_loss_batch, chunked_head_loss):
+        loss = loss_fn(inputs, targets, model, "cpu")
+        results.append((loss, torch.autograd.grad(loss, model.parameters())))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

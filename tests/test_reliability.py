@@ -417,13 +417,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     opt = train.make_optimizer(model, 1e-3, 0.0, torch.device("cpu"))
     real_loss, training_steps = train.calc_loss_batch, []
 
-    def nan_at_step_4(inputs, targets, model, full_head=False):
-        loss = real_loss(inputs, targets, model, full_head)
+    def nan_at_step_4(inputs, targets, model, device):
+        loss = real_loss(inputs, targets, model, device)
         if torch.is_grad_enabled():  # a training step, not an evaluation
             training_steps.append(1)
             return loss * float("nan") if len(training_steps) == 4 else loss
         return loss
-    monkeypatch.setattr(train, "calc_loss_batch", nan_at_step_4)
     path, saved = tmp_path / "checkpoint.pt", []
 
     def save(state, best):
@@ -432,9 +431,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     args = SimpleNamespace(epochs=1, max_steps=0, eval_every=2, eval_batches=1, save_every=1,
                            patience=0, full_head=False)
     with pytest.raises(ValueError, match="loss became nan at step 4"):
-        train.train_model(model, opt, loader, val_loader, args, train.RunState(),
-                          train.copy_weights(model), contextlib.nullcontext, save, save,
-                          log=lambda *a: None)
+        train.train_model(model, opt, loader, val_loader, torch.device("cpu"), args,
+                          train.RunState(), train.copy_weights(model), contextlib.nullcontext,
+                          nan_at_step_4, save, save, log=lambda *a: None)
     kept = torch.load(path, weights_only=True)
     assert saved == [1, 2, 3] and kept["state"]["step"] == 3
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
