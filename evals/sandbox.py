@@ -1,0 +1,288 @@
+"""Run untrusted programs (a model's code with its unit tests) in a contained child process.
+
+Each program runs in its own `python -I -S` process, in a fresh empty folder, with a minimal
+environment, resource limits, the dangerous functions disabled, and, where the platform allows it,
+no network, its own process namespace and an unprivileged user. Entry points: `run_program`,
+`run_programs` (several at once), `isolation` (what containment this machine gives).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+NOBODY = 65534  # the uid/gid a root parent drops the program to, so that limits and file rights apply
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 1024  # address space (RLIMIT_AS)
+    file_mb: int = 16      # largest file it may write, its stdout and stderr included (RLIMIT_FSIZE)
+    processes: int = 32    # processes and threads of the sandbox user (RLIMIT_NPROC)
+    open_files: int = 64   # RLIMIT_NOFILE
+
+
+@dataclass
+class Outcome:
+    passed: bool
+    result: str     # "passed", "timed out", or "failed: <why>"
+    seconds: float
+
+
+# The child's own code: read the program from stdin, isolate, set limits, fork the process that
+# runs it (pid 1 of a new process namespace when there is one), and report how that process ended.
+# It is passed with -c so it runs before any untrusted line, as the user that started it.
+BOOTSTRAP = r'''
+import ctypes, json, os, resource, signal, sys
+
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+PR_SET_PDEATHSIG = 1
+
+
+def isolate(libc):
+    """Unshare the network and process namespaces (as root), or try a user namespace first."""
+    flags = CLONE_NEWNET | CLONE_NEWPID | (0 if os.geteuid() == 0 else CLONE_NEWUSER)
+    return libc.unshare(flags) == 0
+
+
+def set_limits(limits, cpu_seconds):
+    mb = 2 ** 20
+    for what, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb),
+                        (resource.RLIMIT_FSIZE, limits["file_mb"] * mb),
+                        (resource.RLIMIT_NPROC, limits["processes"]),
+                        (resource.RLIMIT_NOFILE, limits["open_files"]),
+                        (resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu_seconds)):
+        resource.setrlimit(what, (value, value))
+
+
+def inside(workdir):
+    """True if path (as given to open) lies in the program's own folder."""
+    def check(path):
+        if isinstance(path, int):  # an already open descriptor
+            return True
+        real = os.fsdecode(os.path.realpath(path))
+        return real == workdir or real.startswith(workdir + os.sep)
+    return check
+
+
+def guard(workdir):
+    """Disable what a test program never needs and a destructive one would use."""
+    import builtins, faulthandler, io, shutil, subprocess
+    faulthandler.disable()
+    for name in ("kill", "killpg", "system", "popen", "fork", "forkpty", "posix_spawn",
+                 "posix_spawnp", "execv", "execve", "execl", "execle", "execlp", "execvp",
+                 "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "putenv", "unsetenv",
+                 "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
+                 "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown",
+                 "chroot", "chdir", "fchdir", "setuid", "setgid", "setsid", "setpgid", "link",
+                 "symlink", "_exit"):
+        if hasattr(os, name):
+            setattr(os, name, None)
+    for name in ("rmtree", "move", "chown", "copytree"):
+        setattr(shutil, name, None)
+    subprocess.Popen = subprocess.run = subprocess.call = None
+    builtins.exit = builtins.quit = builtins.help = None
+    ok, real_open, real_os_open = inside(workdir), builtins.open, os.open
+
+    def safe_open(file, mode="r", *args, **kwargs):  # writes only inside the folder
+        if any(c in mode for c in "wax+") and not ok(file):
+            raise PermissionError(f"sandbox: no writing outside the working folder: {file}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def safe_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC) and not ok(path):
+            raise PermissionError(f"sandbox: no writing outside the working folder: {path}")
+        return real_os_open(path, flags, *args, **kwargs)
+    builtins.open = io.open = safe_open
+    os.open = safe_os_open
+    for name in ("ctypes", "_ctypes", "resource", "socket", "_socket", "psutil", "tkinter",
+                 "ipdb", "joblib", "multiprocessing"):
+        sys.modules[name] = None  # `import name` now fails
+
+
+def drop_user():
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)  # from here RLIMIT_NPROC is enforced and file rights apply
+
+
+def run(source, workdir, libc, drop):
+    """The forked process: drop to an unprivileged user, then run the program under the guard."""
+    if drop:
+        drop_user()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
+    os.chdir(workdir)
+    end = os._exit
+    guard(workdir)
+    try:
+        exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
+    except BaseException as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        end(1)
+    sys.stdout.flush()
+    end(0)
+
+
+def probe():
+    """Can a process dropped to the sandbox user still import the standard library?"""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            drop_user()
+            import fractions, decimal  # not imported yet: read from disk as that user
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def main():
+    global NOBODY
+    mode, workdir, limits, cpu = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    NOBODY, drop = int(sys.argv[5]), sys.argv[6] == "1"
+    libc = ctypes.CDLL(None, use_errno=True)
+    source = sys.stdin.read()
+    isolated = isolate(libc)
+    if mode == "probe":
+        print(json.dumps({"namespaces": isolated, "drops_user": os.geteuid() == 0 and probe()}))
+        return
+    set_limits(limits, cpu)
+    pid = os.fork()
+    if pid == 0:
+        run(source, workdir, libc, drop)
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+main()
+'''
+
+
+def child_env(workdir: Path) -> dict:
+    """The only environment the program sees: nothing inherited, so no secrets."""
+    return {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
+            "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+
+
+def bootstrap_command(python: str, mode: str, workdir: Path, limits: Limits, cpu_seconds: int,
+                      drop: bool) -> list[str]:
+    return [python, "-I", "-S", "-c", BOOTSTRAP, mode, str(workdir), json.dumps(asdict(limits)),
+            str(cpu_seconds), str(NOBODY), "1" if drop else "0"]
+
+
+def probe(python: str) -> dict | None:
+    """What `python` gives as a sandbox here; None when it does not run."""
+    try:
+        done = subprocess.run(bootstrap_command(python, "probe", Path("/"), Limits(), 5, False),
+                              input=b"", capture_output=True, env=child_env(Path("/")), timeout=30)
+        return json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        return None
+
+
+@lru_cache(maxsize=None)
+def isolation() -> dict:
+    """{"python": the interpreter programs run in, "namespaces": no network and an own process
+    namespace, "drops_user": runs as nobody (so the process limit holds)}.
+
+    As root the program runs as nobody, who must be able to read the interpreter's standard
+    library; when this one's is private (e.g. under /root) the system python3 is tried instead.
+    """
+    candidates = [sys.executable] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                                     if os.path.exists(p)]
+    found = [(python, got) for python in candidates if (got := probe(python)) is not None]
+    if not found:
+        raise OSError(f"sandbox: none of {candidates} runs the sandbox bootstrap")
+    python, got = next((f for f in found if f[1]["drops_user"]), found[0])
+    return {"python": python, **got}
+
+
+def isolation_warning() -> str | None:
+    """A one-line warning when programs can reach the network or escape the process limit."""
+    got = isolation()
+    if not got["namespaces"]:
+        return ("warning: no network namespace here (needs root or user namespaces): sandboxed "
+                "programs may reach the network and leave processes behind; the guard still "
+                "blocks `import socket` and os.fork")
+    if os.geteuid() == 0 and not got["drops_user"]:
+        return ("warning: running as root and no interpreter whose standard library user nobody "
+                "can read: programs run as root, so the process-count limit does not hold")
+    return None
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL the child's whole process group (its session leader's pid is the group id)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe(code: int, err: bytes) -> str:
+    """Why a program failed: its last stderr line, or the signal that ended it."""
+    if code > 128:
+        name = signal.Signals(code - 128).name if code - 128 in signal.valid_signals() else code
+        why = {"SIGXCPU": "CPU time limit", "SIGKILL": "killed (CPU or memory limit)",
+               "SIGXFSZ": "file size limit"}.get(str(name), "")
+        return f"failed: killed by {name}" + (f" ({why})" if why else "")
+    lines = err.decode("utf-8", errors="replace").strip().splitlines()
+    return f"failed: {lines[-1][:300] if lines else f'exit code {code}'}"
+
+
+def run_program(program: str, timeout: float = 3.0, limits: Limits = Limits()) -> Outcome:
+    """Run one program; it passes when it runs to its end without an exception in `timeout` s."""
+    start = time.perf_counter()
+    run_dir = Path(tempfile.mkdtemp(prefix="sandbox-"))
+    try:
+        run_dir.chmod(0o711)  # the sandbox user may enter its folder but not list this one
+        work = run_dir / "work"
+        work.mkdir()
+        setup = isolation()
+        if setup["drops_user"]:
+            os.chown(work, NOBODY, NOBODY)
+        with open(run_dir / "stdout", "wb") as out, open(run_dir / "stderr", "wb+") as err:
+            proc = subprocess.Popen(bootstrap_command(setup["python"], "run", work, limits,
+                                                      int(timeout) + 1, setup["drops_user"]),
+                                    stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                    env=child_env(work), cwd=work, start_new_session=True)
+            try:
+                try:
+                    proc.stdin.write(program.encode("utf-8"))
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                code, result = proc.wait(timeout), None
+            except subprocess.TimeoutExpired:
+                code, result = None, "timed out"
+            finally:
+                kill_group(proc.pid)  # whatever it started goes with it
+                proc.wait()
+            err.seek(0)
+            tail = err.read()[-4000:]
+        if result is None:
+            result = "passed" if code == 0 else describe(code, tail)
+        return Outcome(result == "passed", result, time.perf_counter() - start)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_programs(programs: list[str], timeout: float = 3.0, limits: Limits = Limits(),
+                 workers: int = 4, progress: bool = False) -> list[Outcome]:
+    """run_program for each, `workers` at a time, in the programs' order."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    outcomes, start = [], time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for i, outcome in enumerate(pool.map(lambda p: run_program(p, timeout, limits), programs)):
+            outcomes.append(outcome)
+            if progress and ((i + 1) % 20 == 0 or i + 1 == len(programs)):
+                print(f"ran {i + 1}/{len(programs)} programs "
+                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return outcomes
