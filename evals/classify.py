@@ -139,11 +139,18 @@ def task_file(task: Task, root: Path, split: str) -> Path:
     return path
 
 
-def evaluate_task(model, tokenizer, task: Task, root: Path, args) -> tuple[list, dict]:
-    """(predicted labels in file order, {"n", metrics..., "score"}) for one task."""
+def load_task(task: Task, root: Path, args) -> tuple[list[Item], str]:
+    """(the items scored, the few-shot prefix) for one task; read before the model loads, so a
+    bad file fails at once."""
     items = task.read(task_file(task, root, args.split))[:args.limit]
     prefix = few_shot_prefix(task.read(task_file(task, root, "train")), args.shots, args.seed) \
         if args.shots else ""
+    return items, prefix
+
+
+def evaluate_task(model, tokenizer, task: Task, items: list[Item], prefix: str,
+                  args) -> tuple[list, dict]:
+    """(predicted labels in file order, {"n", metrics..., "score"}) for one task."""
     start = time.perf_counter()
     scores = option_scores(model, tokenizer, items, prefix, args.batch_size, args.length_norm)
     if task.metrics == ("pearson", "spearman"):
@@ -204,12 +211,12 @@ def main(benchmark: str, tasks: dict[str, Task], argv) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
     chosen = pick_tasks(tasks, args.task, root)
-    for task in chosen:  # a missing file should fail now, not after an hour of scoring
-        task_file(task, root, args.split)
+    loaded = [load_task(task, root, args) for task in chosen]
     model, _, tokenizer = load_scoring_model(args.model_path, args.device)
     preds, results = {}, {}
-    for task in chosen:
-        preds[task.name], results[task.name] = evaluate_task(model, tokenizer, task, root, args)
+    for task, (items, prefix) in zip(chosen, loaded):
+        preds[task.name], results[task.name] = evaluate_task(model, tokenizer, task, items,
+                                                             prefix, args)
     average = sum(r["score"] for r in results.values()) / len(results)
     rows = [[name, r["n"], ", ".join(f"{m} {r[m]:.1f}" for m in tasks[name].metrics), r["score"]]
             for name, r in results.items()]

@@ -40,7 +40,7 @@ class Outcome:
 # runs it (pid 1 of a new process namespace when there is one), and report how that process ended.
 # It is passed with -c so it runs before any untrusted line, as the user that started it.
 BOOTSTRAP = r'''
-import ctypes, json, os, resource, signal, sys
+import ctypes, json, os, resource, signal, sys, time
 
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -52,7 +52,7 @@ def isolate(libc):
     return libc.unshare(flags) == 0
 
 
-def set_limits(limits, cpu_seconds):
+def set_limits(limits, cpu_seconds):  # a CPU-time limit backs up the wall clock
     mb = 2 ** 20
     for what, value in ((resource.RLIMIT_AS, limits["memory_mb"] * mb),
                         (resource.RLIMIT_FSIZE, limits["file_mb"] * mb),
@@ -124,7 +124,7 @@ def run(source, workdir, libc, drop):
     try:
         exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
     except BaseException as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(type(e).__name__ + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
         end(1)
     sys.stdout.flush()
     end(0)
@@ -145,7 +145,8 @@ def probe():
 
 def main():
     global NOBODY
-    mode, workdir, limits, cpu = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    mode, workdir, limits, timeout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), \
+        float(sys.argv[4])
     NOBODY, drop = int(sys.argv[5]), sys.argv[6] == "1"
     libc = ctypes.CDLL(None, use_errno=True)
     source = sys.stdin.read()
@@ -153,12 +154,34 @@ def main():
     if mode == "probe":
         print(json.dumps({"namespaces": isolated, "drops_user": os.geteuid() == 0 and probe()}))
         return
-    set_limits(limits, cpu)
+    set_limits(limits, int(timeout) + 1)
     pid = os.fork()
     if pid == 0:
+        os.setpgid(0, 0)  # its own group, which the timeout kills whole
         run(source, workdir, libc, drop)
-    _, status = os.waitpid(pid, 0)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    os._exit(wait_for(pid, timeout))
+
+
+def wait_for(pid, timeout):
+    """The child's exit code (128 + signal if killed), or 124 once it has run `timeout` seconds.
+
+    Killing it here rather than from outside means this process reaps it: as pid 1 of its own
+    namespace, its death takes every process it started with it, and no orphan is left behind.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        if time.monotonic() > deadline:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os.waitpid(pid, 0)
+            return 124
+        time.sleep(0.005)
 
 
 main()
@@ -171,10 +194,10 @@ def child_env(workdir: Path) -> dict:
             "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
 
 
-def bootstrap_command(python: str, mode: str, workdir: Path, limits: Limits, cpu_seconds: int,
+def bootstrap_command(python: str, mode: str, workdir: Path, limits: Limits, timeout: float,
                       drop: bool) -> list[str]:
     return [python, "-I", "-S", "-c", BOOTSTRAP, mode, str(workdir), json.dumps(asdict(limits)),
-            str(cpu_seconds), str(NOBODY), "1" if drop else "0"]
+            str(timeout), str(NOBODY), "1" if drop else "0"]
 
 
 def probe(python: str) -> dict | None:
@@ -217,12 +240,18 @@ def isolation_warning() -> str | None:
     return None
 
 
-def kill_group(pgid: int) -> None:
-    """SIGKILL the child's whole process group (its session leader's pid is the group id)."""
+def kill_group(proc: subprocess.Popen, wait: float = 2.0) -> None:
+    """SIGKILL the bootstrap's whole process group (its pid is the group's id), reap it, and wait
+    at most `wait` seconds until the group's last process is gone (a busy machine takes a moment)."""
+    deadline = time.monotonic() + wait
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+            time.sleep(0.01)
     except (ProcessLookupError, PermissionError):
-        pass
+        proc.wait()
 
 
 def describe(code: int, err: bytes) -> str:
@@ -249,7 +278,7 @@ def run_program(program: str, timeout: float = 3.0, limits: Limits = Limits()) -
             os.chown(work, NOBODY, NOBODY)
         with open(run_dir / "stdout", "wb") as out, open(run_dir / "stderr", "wb+") as err:
             proc = subprocess.Popen(bootstrap_command(setup["python"], "run", work, limits,
-                                                      int(timeout) + 1, setup["drops_user"]),
+                                                      timeout, setup["drops_user"]),
                                     stdin=subprocess.PIPE, stdout=out, stderr=err,
                                     env=child_env(work), cwd=work, start_new_session=True)
             try:
@@ -258,16 +287,14 @@ def run_program(program: str, timeout: float = 3.0, limits: Limits = Limits()) -
                     proc.stdin.close()
                 except BrokenPipeError:
                     pass
-                code, result = proc.wait(timeout), None
+                code = proc.wait(timeout + 10)  # the bootstrap keeps the time; this is a backstop
             except subprocess.TimeoutExpired:
-                code, result = None, "timed out"
+                code = 124
             finally:
-                kill_group(proc.pid)  # whatever it started goes with it
-                proc.wait()
+                kill_group(proc)  # whatever else it started goes with it
             err.seek(0)
             tail = err.read()[-4000:]
-        if result is None:
-            result = "passed" if code == 0 else describe(code, tail)
+        result = {0: "passed", 124: "timed out"}.get(code) or describe(code, tail)
         return Outcome(result == "passed", result, time.perf_counter() - start)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

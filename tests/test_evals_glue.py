@@ -1,21 +1,18 @@
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import evaluate
-from data import get_tokenizer
+from data import cli_main, get_tokenizer
 from evals.classify import Item, expected_value, few_shot_prefix, next_token_logprobs, option_scores
 from evals.common import continuation_logprobs
 from evals.metrics import (accuracy, average_ranks, f1_score, macro_f1, matthews_corrcoef,
                            pearson, spearman)
 from gpt import GPTModel, save_model
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = {"vocab_size": 50257, "context_length": 64, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
        "drop_rate": 0.0, "qkv_bias": True}
 YES, NO, POSITIVE, FIVE = 3763, 645, 3967, 642  # " yes", " no", " positive", " 5"
@@ -166,10 +163,15 @@ def test_superglue_command_jsonl_copa_and_multirc(tmp_path, model_path):
     assert got["multirc"]["score"] == pytest.approx(65.0)
 
 
-def test_bad_row_is_a_one_line_error_with_exit_code_2(tmp_path, model_path):
+def test_bad_row_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
     write(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel\ngood\t1\nno label here\n")
-    done = subprocess.run([sys.executable, "evaluate.py", "glue", "sst2", str(tmp_path / "SST-2"),
-                           "--model-path", model_path], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    argv = ["glue", "sst2", str(tmp_path / "SST-2"), "--model-path", str(tmp_path / "absent.pt")]
+    with pytest.raises(SystemExit) as exit_:  # the file fails before the model is looked for
+        cli_main(lambda: evaluate.main(argv))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'SST-2' / 'dev.tsv'}:3: expected 2 tab-separated columns, got 1"]
+    write(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel\ngood\tmaybe\n")
+    with pytest.raises(SystemExit):
+        cli_main(lambda: evaluate.main(argv))
+    assert "dev.tsv:2: label 'maybe' is not one of [0, 1]" in capsys.readouterr().err
