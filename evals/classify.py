@@ -121,6 +121,20 @@ def compute_metrics(task: Task, items: list[Item], preds: list) -> dict[str, flo
     return {m: 100 * known[m]() for m in task.metrics}
 
 
+def task_score(task: Task, metrics: dict[str, float]) -> float:
+    """A task's single number: the mean of its metrics (as the GLUE leaderboard averages them)."""
+    return sum(metrics[m] for m in task.metrics) / len(task.metrics)
+
+
+def majority(task: Task, items: list[Item]) -> list:
+    """The baseline that always answers the most frequent gold label (STS-B: a constant score,
+    which correlates with nothing)."""
+    if task.metrics == ("pearson", "spearman"):
+        return [0.0] * len(items)
+    answers = [it.answer for it in items]
+    return [max(set(answers), key=answers.count)] * len(items)
+
+
 # ---- one task --------------------------------------------------------------------------------
 def few_shot_prefix(train: list[Item], shots: int, seed: int) -> str:
     """`shots` solved examples drawn from the train items, each followed by a blank line."""
@@ -160,7 +174,8 @@ def evaluate_task(model, tokenizer, task: Task, items: list[Item], prefix: str,
         preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
         shown = [task.labels[p] for p in preds]
     result = {"n": len(items), **compute_metrics(task, items, preds)}
-    result["score"] = sum(result[m] for m in task.metrics) / len(task.metrics)
+    result["score"] = task_score(task, result)
+    result["majority"] = task_score(task, compute_metrics(task, items, majority(task, items)))
     if not args.quiet:
         print(f"{task.name}: {len(items)} examples, score {result['score']:.1f} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
@@ -218,10 +233,11 @@ def main(benchmark: str, tasks: dict[str, Task], argv) -> None:
         preds[task.name], results[task.name] = evaluate_task(model, tokenizer, task, items,
                                                              prefix, args)
     average = sum(r["score"] for r in results.values()) / len(results)
-    rows = [[name, r["n"], ", ".join(f"{m} {r[m]:.1f}" for m in tasks[name].metrics), r["score"]]
-            for name, r in results.items()]
-    rows.append([f"{benchmark} average", sum(r["n"] for r in results.values()), "", average])
-    table = markdown_table(["task", "n", "metrics (%)", "score"], rows)
+    rows = [[name, r["n"], ", ".join(f"{m} {r[m]:.1f}" for m in tasks[name].metrics), r["score"],
+             r["majority"]] for name, r in results.items()]
+    rows.append([f"{benchmark} average", sum(r["n"] for r in results.values()), "", average,
+                 sum(r["majority"] for r in results.values()) / len(results)])
+    table = markdown_table(["task", "n", "metrics (%)", "score", "majority class"], rows)
     scores = {"tasks": results, "average": average, "split": args.split, "shots": args.shots}
     write_results(args, f"{benchmark} ({args.split}, {args.shots}-shot)", table, scores,
                   preds[chosen[0].name] if len(chosen) == 1 else preds)

@@ -136,6 +136,9 @@ def test_glue_command_reads_the_tsv_layouts_and_scores(tmp_path, model_path):
     assert got["tasks"]["cola"]["mcc"] == 0.0  # a constant answer has no correlation
     assert got["tasks"]["stsb"]["pearson"] == 0.0
     assert got["average"] == pytest.approx((200 / 3 + 0 + 0) / 3)
+    # always the most frequent gold label: SST-2's 1 (2 of 3); CoLA's tie and STS-B's constant: 0
+    assert got["tasks"]["sst2"]["majority"] == pytest.approx(200 / 3)
+    assert got["tasks"]["cola"]["majority"] == 0.0 and got["tasks"]["stsb"]["majority"] == 0.0
 
 
 def test_superglue_command_jsonl_copa_and_multirc(tmp_path, model_path):
@@ -161,6 +164,9 @@ def test_superglue_command_jsonl_copa_and_multirc(tmp_path, model_path):
     # all answers "yes": TP 2, FP 1 -> F1a = 4/5; question 0 has a wrong answer -> EM 1/2
     assert got["multirc"]["f1a"] == pytest.approx(80.0) and got["multirc"]["em"] == 50.0
     assert got["multirc"]["score"] == pytest.approx(65.0)
+    # most frequent gold answer is "correct" (2 of 3): the same predictions, the same 65
+    assert got["multirc"]["majority"] == pytest.approx(65.0)
+    assert got["boolq"]["majority"] == 50.0  # a tie: either label is right half the time
 
 
 def test_bad_row_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from evals.humaneval import build_program, pass_at_k, read_problems, score_samples
+from evals.humaneval import STOPS, build_program, pass_at_k, read_problems, score_samples
 from evals.sandbox import Limits, isolation, run_programs
 
 PROBLEM = {"task_id": "Test/0", "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
@@ -59,6 +59,26 @@ def test_samples_file_is_scored_and_results_written(tmp_path):
     # n=2, c=1: pass@1 = 1/2, pass@2 = 1
     assert json.loads(scores.read_text()) == {"tasks": 1, "samples": 2, "pass@1": 0.5,
                                               "pass@2": 1.0}
+
+
+def test_model_completions_are_generated_cut_and_run(tmp_path):
+    import torch
+    from gpt import GPTModel, save_model
+    cfg = {"vocab_size": 50257, "context_length": 64, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": True}
+    torch.manual_seed(0)
+    save_model(GPTModel(cfg), cfg, tmp_path / "model.pt")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps(PROBLEM) + "\n" + json.dumps({**PROBLEM, "task_id": "T/1"}))
+    out, scores = tmp_path / "samples.jsonl", tmp_path / "scores.json"
+    evaluate.main(["humaneval", str(problems), "--model-path", str(tmp_path / "model.pt"),
+                   "--samples-per-task", "3", "--temperature", "1.0", "--max-new-tokens", "8",
+                   "--output", str(out), "--json", str(scores), "--quiet"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == ["Test/0"] * 3 + ["T/1"] * 3
+    assert all(not any(stop in r["completion"] for stop in STOPS) for r in rows)
+    # a random model writes no working body, so every sample fails: pass@1 = 0
+    assert json.loads(scores.read_text()) == {"tasks": 2, "samples": 6, "pass@1": 0.0}
 
 
 def test_bad_problem_file_names_the_line(tmp_path):
