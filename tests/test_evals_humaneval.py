@@ -145,7 +145,7 @@ def hostile(tmp_path_factory):
     except BlockingIOError:
         connected = False
     listener.close()
-    leftovers = [p for p in Path("/proc").glob("[0-9]*") if b"PR_SET_PDEATHSIG" in read(p)]
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if b"sandbox_child.py" in read(p)]
     yield {"outcomes": dict(zip(cases, outcomes)), "elapsed": elapsed, "keep": keep,
            "new": outside / "new.txt", "connected": connected, "leftovers": leftovers}
 
