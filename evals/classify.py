@@ -17,6 +17,7 @@ import torch
 from evals.common import (add_common_args, check_limit, continuation_logprobs, load_scoring_model,
                           markdown_table, write_results)
 from evals.metrics import accuracy, f1_score, macro_f1, matthews_corrcoef, pearson, spearman
+from generate import check_writable
 
 
 @dataclass
@@ -222,6 +223,9 @@ def main(benchmark: str, tasks: dict[str, Task], argv) -> None:
     """Run the tasks asked for and report each task's metrics and their average."""
     args = parse_args(benchmark, tasks, argv)
     check_limit(args.limit)
+    for path in (args.output, args.json, args.report):
+        if path:
+            check_writable(path)  # fail now, not after the scoring
     root = Path(args.dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")

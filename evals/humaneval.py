@@ -13,6 +13,7 @@ from pathlib import Path
 from data import atomic_write_bytes, cli_main, write_json
 from evals.common import add_common_args, check_limit, markdown_table, write_results
 from evals.sandbox import Limits, isolation_warning, run_programs
+from generate import check_writable
 
 # Codex's stop sequences: the function body ends where top-level code starts again
 STOPS = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
@@ -162,6 +163,9 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     check_limit(args.limit)
+    for path in (args.output, args.json, args.report):
+        if path:
+            check_writable(path)  # fail now, not after the generation
     problems = read_problems(args.problems)
     if args.samples:
         samples = read_samples(args.samples, problems)

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-NOBODY = 65534  # the uid/gid a root parent drops the program to, so that limits and file rights apply
+NOBODY = 65534  # the uid/gid a root parent drops programs to: then limits and file rights apply
 
 
 @dataclass(frozen=True)
 class Limits:
     memory_mb: int = 1024  # address space (RLIMIT_AS)
-    file_mb: int = 16      # largest file it may write, its stdout and stderr included (RLIMIT_FSIZE)
+    file_mb: int = 16      # largest file it may write, stdout and stderr included (RLIMIT_FSIZE)
     processes: int = 32    # processes and threads of the sandbox user (RLIMIT_NPROC)
     open_files: int = 64   # RLIMIT_NOFILE
 
@@ -93,7 +93,7 @@ def isolation_warning() -> str | None:
 
 def kill_group(proc: subprocess.Popen, wait: float = 2.0) -> None:
     """SIGKILL the bootstrap's whole process group (its pid is the group's id), reap it, and wait
-    at most `wait` seconds until the group's last process is gone (a busy machine takes a moment)."""
+    at most `wait` seconds until the group's last process is gone (a busy machine is slow)."""
     deadline = time.monotonic() + wait
     try:
         os.killpg(proc.pid, signal.SIGKILL)

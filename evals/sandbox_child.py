@@ -108,8 +108,8 @@ def probe():
     if pid == 0:
         try:
             drop_user()
-            import fractions, decimal  # not imported yet: read from disk as that user
-            os._exit(0)
+            import fractions  # not imported yet: read from disk as that user
+            os._exit(0 if fractions else 1)
         except BaseException:
             os._exit(1)
     return os.waitpid(pid, 0)[1] == 0
