@@ -157,6 +157,9 @@ def parse_args(argv) -> argparse.Namespace:
         p.error(f"--k takes comma-separated integers, got {args.k!r}")
     if args.samples_per_task < 1 or args.timeout <= 0 or min(args.k) < 1:
         p.error("--samples-per-task and --k must be >= 1 and --timeout > 0")
+    if args.samples_per_task > 1 and args.temperature == 0 and not args.samples:
+        print("warning: --temperature 0 is greedy: every sample of a task is the same",
+              file=sys.stderr)
     return args
 
 

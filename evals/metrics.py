@@ -41,7 +41,7 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 def average_ranks(x: list[float]) -> list[float]:
-    """Ranks from 1; ties values share the mean of the ranks they span: [5, 1, 5] -> [2.5, 1, 2.5]."""
+    """Ranks from 1; tied values share the mean of their ranks: [5, 1, 5] -> [2.5, 1, 2.5]."""
     order = sorted(range(len(x)), key=lambda i: x[i])
     ranks = [0.0] * len(x)
     start = 0
