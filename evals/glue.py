@@ -21,10 +21,12 @@ MRPC = ("label", "id1", "id2", "sentence1", "sentence2")  # its header's names (
 PAIR = "Sentence 1: {sentence1}\nSentence 2: {sentence2}\n"
 
 
-def read_tsv(path: Path, columns: tuple[str, ...] | None = None,
-             header: bool = True) -> list[tuple[int, dict]]:
+def read_tsv(path: Path, columns: tuple[str, ...] | None = None, header: bool = True,
+             skip_bad: bool = False) -> list[tuple[int, dict]]:
     """(line number, {column: text}) per row, columns named by the header row unless `columns`
-    names them. GLUE's files are tab-separated with no quoting: quotes are ordinary text."""
+    names them. GLUE's files are tab-separated with no quoting: quotes are ordinary text.
+    A row with the wrong number of columns is an error, or skipped with `skip_bad` (QQP's train
+    file has a few broken rows, which the usual GLUE readers skip too)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -33,6 +35,8 @@ def read_tsv(path: Path, columns: tuple[str, ...] | None = None,
     names = columns or (rows[0] if rows else [])
     out = []
     for n, row in enumerate(rows[int(header):], int(header) + 1):
+        if len(row) != len(names) and skip_bad:
+            continue
         if len(row) != len(names):
             raise ValueError(f"{path}:{n}: expected {len(names)} tab-separated columns, "
                              f"got {len(row)}")
@@ -44,10 +48,11 @@ def read_tsv(path: Path, columns: tuple[str, ...] | None = None,
 
 def tsv_task(name: str, folder: str, template: str, options: list[str], labels: list,
              metrics: tuple[str, ...], label_column: str = "label", files: dict | None = None,
-             columns: tuple[str, ...] | None = None, header: bool = True) -> Task:
+             columns: tuple[str, ...] | None = None, header: bool = True,
+             skip_bad: bool = False) -> Task:
     """A task whose rows fill `template` with their columns and whose label picks the option."""
     def read(path: Path) -> list[Item]:
-        rows = read_tsv(path, columns, header)
+        rows = read_tsv(path, columns, header, skip_bad)
         missing = {label_column, *FIELDS.findall(template)} - set(rows[0][1])
         if missing:
             raise ValueError(f"{path}: no column(s) {sorted(missing)} (is this the {name} file?)")
@@ -85,7 +90,7 @@ TASKS = {t.name: t for t in (
              YES_NO, [0, 1], ("acc", "f1"), columns=MRPC),
     tsv_task("qqp", "QQP", "Question 1: {question1}\nQuestion 2: {question2}\n"
              "Question: Do both questions ask the same thing?\nAnswer:", YES_NO, [0, 1],
-             ("acc", "f1"), "is_duplicate"),
+             ("acc", "f1"), "is_duplicate", skip_bad=True),
     Task("stsb", "STS-B", SPLITS, read_stsb, list(range(6)), ("pearson", "spearman")),
     tsv_task("mnli", "MNLI", MNLI, [" True", " Neither", " False"], MNLI_LABELS, ("acc",),
              "gold_label", {"dev": "dev_matched.tsv", "train": "train.tsv"}),

@@ -7,6 +7,7 @@ import torch
 
 import evaluate
 from data import cli_main, get_tokenizer
+from evals import glue
 from evals.classify import Item, expected_value, few_shot_prefix, next_token_logprobs, option_scores
 from evals.common import continuation_logprobs
 from evals.metrics import (accuracy, average_ranks, f1_score, macro_f1, matthews_corrcoef,
@@ -139,6 +140,27 @@ def test_glue_command_reads_the_tsv_layouts_and_scores(tmp_path, model_path):
     # always the most frequent gold label: SST-2's 1 (2 of 3); CoLA's tie and STS-B's constant: 0
     assert got["tasks"]["sst2"]["majority"] == pytest.approx(200 / 3)
     assert got["tasks"]["cola"]["majority"] == 0.0 and got["tasks"]["stsb"]["majority"] == 0.0
+
+
+def test_glue_readers_follow_each_files_columns(tmp_path):
+    mrpc = tmp_path / "MRPC" / "dev.tsv"  # label first; its header's names are not used
+    write(mrpc, "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tA cat.\tThe cat.\n")
+    [item] = glue.TASKS["mrpc"].read(mrpc)
+    assert item.context == ("Sentence 1: A cat.\nSentence 2: The cat.\n"
+                            "Question: Do both sentences mean the same thing?\nAnswer:")
+    assert item.options == [" no", " yes"] and item.answer == 1
+    mnli = tmp_path / "MNLI" / "dev_matched.tsv"  # the label is the last column, gold_label
+    write(mnli, "index\tsentence1\tsentence2\tlabel1\tgold_label\n"
+                "0\tIt rains.\tIt is dry.\tneutral\tcontradiction\n")
+    [item] = glue.TASKS["mnli"].read(mnli)
+    assert item.context == "It rains.\nQuestion: It is dry. True, False or Neither?\nAnswer:"
+    assert item.options[item.answer] == " False"
+    qqp = tmp_path / "QQP" / "train.tsv"  # a broken row (5 columns) is skipped, not fatal
+    write(qqp, "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+               "0\t1\t2\tWhy?\tHow?\t0\n1\t3\t4\tbroken\t1\n2\t5\t6\tWho?\tWho?\t1\n")
+    assert [it.answer for it in glue.TASKS["qqp"].read(qqp)] == [0, 1]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['is_duplicate'"):
+        glue.TASKS["qqp"].read(mrpc)
 
 
 def test_superglue_command_jsonl_copa_and_multirc(tmp_path, model_path):
