@@ -130,7 +130,11 @@ def main():
     pid = os.fork()
     if pid == 0:
         os.setpgid(0, 0)  # its own group, which the timeout kills whole
-        run(source, workdir, libc, drop)
+        exit_now = os._exit  # the guard removes it from os
+        try:
+            run(source, workdir, libc, drop)  # exits itself; returns only by an exception
+        finally:
+            exit_now(1)  # never back into this function's parent side
     os._exit(wait_for(pid, timeout))
 
 
