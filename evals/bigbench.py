@@ -8,10 +8,10 @@ import argparse
 import re
 import sys
 
-from evals.common import (add_answer_args, add_common_args, check_run, check_string_list,
-                          continuation_logprobs, field, generate_texts, load_scoring_model,
-                          markdown_table, mean_percent, read_json_file, read_predictions_list,
-                          styled_prompt, write_results)
+from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
+                          check_string_list, continuation_logprobs, field, generate_texts,
+                          load_scoring_model, markdown_table, mean_percent, read_json_file,
+                          read_predictions_list, styled_prompt, write_results)
 
 # json_task.py's defaults for the fields a task may leave out
 DEFAULTS = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
@@ -171,7 +171,7 @@ def predict(args, task: dict, n: int) -> list[str]:
 
 # ---- command line -----------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py bigbench", description=__doc__.splitlines()[0])
+    p = benchmark_parser("bigbench", __doc__)
     p.add_argument("file", help="a BIG-bench task.json or a BIG-Bench Hard <task>.json")
     p.add_argument("--metric", default="auto",
                    choices=("auto", "multiple_choice_grade", "exact_str_match"),

@@ -19,6 +19,12 @@ from gpt import load_model
 
 
 # ---- command line ----------------------------------------------------------------------------
+def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `evaluate.py <name>`, described by the first paragraph of `doc`."""
+    return argparse.ArgumentParser(prog=f"evaluate.py {name}",
+                                   description=" ".join(doc.split("\n\n")[0].split()))
+
+
 def add_common_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     """Flags every benchmark takes: the model, how much to run, and where results go."""
     p.add_argument("--model-path", required=model_required, help="model written by train.py")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from evals.common import add_common_args, check_run, load_scoring_model, write_results
+from evals.common import (add_common_args, benchmark_parser, check_run, load_scoring_model,
+                          write_results)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -126,7 +127,7 @@ def mmlu_scores(results: dict[str, tuple[int, int]]) -> dict:
 
 # ---- command line -----------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py mmlu", description=__doc__.splitlines()[0])
+    p = benchmark_parser("mmlu", __doc__)
     p.add_argument("dir", help="MMLU folder: DIR/test/*_test.csv, optional DIR/dev/*_dev.csv")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples from the dev file (5)")
     add_common_args(p, model_required=True)

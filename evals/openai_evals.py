@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from evals.common import (add_answer_args, add_common_args, check_run, check_string_list,
-                          generate_texts, load_scoring_model, markdown_table, mean_percent,
-                          normalize_squad, overlap_f1, read_predictions_list, styled_prompt,
-                          write_results)
+from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
+                          check_string_list, generate_texts, load_scoring_model, markdown_table,
+                          mean_percent, normalize_squad, overlap_f1, read_predictions_list,
+                          styled_prompt, write_results)
 
 CLASSES = {"evals.elsuite.basic.match:Match": "match",
            "evals.elsuite.basic.includes:Includes": "includes",
@@ -175,8 +175,7 @@ def predict(args, samples: list[dict]) -> list[str]:
 
 # ---- command line -----------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py openai-evals",
-                                description=__doc__.splitlines()[0])
+    p = benchmark_parser("openai-evals", __doc__)
     p.add_argument("samples", help="samples JSONL as in evals/registry/data/<eval>/")
     p.add_argument("--eval-class", choices=("match", "includes", "fuzzy_match"),
                    help="how completions are scored (default: from --registry, else match)")

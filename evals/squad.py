@@ -7,22 +7,27 @@ gold answers; v2.0 adds unanswerable questions, "" being the no-answer predictio
 import argparse
 import sys
 
-from evals.common import (add_answer_args, add_common_args, check_run, field, group_rows,
-                          load_scoring_model, markdown_table, normalize_squad, overlap_f1,
-                          prompt_room, read_json_file, read_predictions_dict, styled_prompt,
-                          generate_texts, truncate_tokens, write_results)
+from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run, field,
+                          generate_texts, group_rows, load_scoring_model, markdown_table,
+                          normalize_squad, overlap_f1, prompt_room, read_json_file,
+                          read_predictions_dict, styled_prompt, truncate_tokens, write_results)
 
 NO_ANSWER = "unanswerable"  # what the prompt asks the model to say; scored as the empty answer
 
 
 # ---- the file ---------------------------------------------------------------------------------
+WHAT = 'a SQuAD file {"version", "data": [{"title", "paragraphs": [...]}]}'
+
+
 def read_squad(path) -> tuple[bool, list[dict]]:
-    """(is v2.0, questions) of a SQuAD file; each question is {id, title, context, question,
-    answers: [text], has_answer}. v2.0 is the "v2.0" version or any `is_impossible` field."""
-    what = 'a SQuAD file {"version", "data": [{"title", "paragraphs": [...]}]}'
-    raw = read_json_file(path, what)
+    return read_squad_data(read_json_file(path, WHAT), path)
+
+
+def read_squad_data(raw, path) -> tuple[bool, list[dict]]:
+    """(is v2.0, questions) of a SQuAD file's contents; each question is {id, title, context,
+    question, answers: [text], has_answer}. v2.0: version "v2.0" or any `is_impossible` field."""
     articles = field(raw, "data", list, str(path))
-    questions, v2 = [], str(raw.get("version", "")).startswith("v2")
+    questions, v2 = [], str(raw.get("version", "")).startswith("v2")  # raw: a dict now
     for a, article in enumerate(articles):
         where = f"{path}: data[{a}]"
         title = field(article, "title", str, where)
@@ -38,7 +43,7 @@ def read_squad(path) -> tuple[bool, list[dict]]:
                                   "context": context, "question": field(qa, "question", str, at),
                                   "answers": answers, "has_answer": bool(answers), "where": at})
     if not questions:
-        raise ValueError(f"{path}: no questions (expected {what})")
+        raise ValueError(f"{path}: no questions (expected {WHAT})")
     if not v2:  # v1.1 takes the best over the gold answers: a question needs one
         for q in questions:
             if not q["answers"]:
@@ -124,15 +129,18 @@ def predict(args, questions: list[dict], v2: bool) -> dict[str, str]:
         prompts.append(squad_prompt(q, context, args.style, v2))
     answers = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                              stops=["\n"], progress=not args.quiet)
-    answers = [a.strip() for a in answers]
-    # the official scorer reads "" as "no answer"; the model was asked to say NO_ANSWER
-    return {q["id"]: "" if v2 and normalize_squad(a) == NO_ANSWER else a
-            for q, a in zip(questions, answers)}
+    return {q["id"]: official_answer(a, v2) for q, a in zip(questions, answers)}
+
+
+def official_answer(answer: str, v2: bool) -> str:
+    """The answer stripped; in v2.0 the model's NO_ANSWER becomes "", the scorer's no-answer."""
+    answer = answer.strip()
+    return "" if v2 and normalize_squad(answer) == NO_ANSWER else answer
 
 
 # ---- command line -----------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py squad", description=__doc__.splitlines()[0])
+    p = benchmark_parser("squad", __doc__)
     p.add_argument("file", help="SQuAD JSON as published (train/dev-v1.1.json, dev-v2.0.json)")
     add_common_args(p)
     add_answer_args(p, "the official {id: answer} JSON", max_new_tokens=24)

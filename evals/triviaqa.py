@@ -10,10 +10,10 @@ import string
 import sys
 from pathlib import Path
 
-from evals.common import (add_answer_args, add_common_args, check_run, check_string_list, field,
-                          generate_texts, load_scoring_model, markdown_table, mean_percent,
-                          overlap_f1, prompt_room, read_json_file, read_predictions_dict,
-                          styled_prompt, truncate_tokens, write_results)
+from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
+                          check_string_list, field, generate_texts, load_scoring_model,
+                          markdown_table, mean_percent, overlap_f1, prompt_room, read_json_file,
+                          read_predictions_dict, styled_prompt, truncate_tokens, write_results)
 
 # string.punctuation plus the quotes and accents the official script adds
 PUNCTUATION = set(string.punctuation + "‘’´`")
@@ -134,7 +134,7 @@ def predict(args, units: list[dict]) -> dict[str, str]:
 
 # ---- command line -----------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py triviaqa", description=__doc__.splitlines()[0])
+    p = benchmark_parser("triviaqa", __doc__)
     p.add_argument("file", help="TriviaQA JSON as published (qa/wikipedia-dev.json, ...)")
     p.add_argument("--evidence", help="evidence folder (with wikipedia/ and web/): show the "
                                       "question's first document; without it, closed-book")
