@@ -1,19 +1,12 @@
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from evals_helpers import run_evaluate as run_cli
+from evals_helpers import save_forced_model
 
 from evals import mmlu
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def write_csv(path: Path, rows):
@@ -89,23 +82,8 @@ def test_mmlu_prompt_format_and_cropping():
 
 @pytest.fixture(scope="module")
 def forced_b_model(tmp_path_factory):
-    """A tiny model whose next token is always " B": the final LayerNorm outputs a constant
-    vector (weight 0, bias = a multiple of " B"'s embedding), and the tied head scores
-    every token by its dot product with that vector, so " B" wins among the four letters."""
-    import torch
-
-    from data import get_tokenizer
-    from gpt import GPTModel, model_config, save_model
-    torch.manual_seed(0)
-    cfg = model_config("tiny")
-    model = GPTModel(cfg).eval()
-    b = get_tokenizer().encode(" B")[0]
-    with torch.no_grad():
-        model.final_norm.weight.zero_()
-        model.final_norm.bias.copy_(100 * model.tok_emb.weight[b])
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(model, cfg, path)
-    return path
+    """A tiny model whose next token is always " B", so it answers B to every question."""
+    return save_forced_model(tmp_path_factory.mktemp("model") / "model.pt", " B")
 
 
 def write_mmlu(root: Path):
