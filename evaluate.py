@@ -17,7 +17,6 @@ import sys
 import unicodedata
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Callable
 
 from data import atomic_write_bytes, cli_main, format_input, load_data, write_json

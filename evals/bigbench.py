@@ -7,6 +7,7 @@ generated answer (`target` examples), with the task's own prefixes and few-shot 
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
                           check_string_list, continuation_logprobs, field, generate_texts,
@@ -36,7 +37,9 @@ def read_task(path, metric: str = "auto") -> dict:
     if metric == "auto":
         every_mc = all(isinstance(e, dict) and "target_scores" in e for e in examples)
         metric = "multiple_choice_grade" if every_mc else "exact_str_match"
-    task.update(name=str(raw.get("name", path)), metric=metric,
+    stem = Path(path).stem  # BIG-bench's <task>/task.json, BBH's <task>.json
+    task.update(name=str(raw.get("name") or (Path(path).parent.name if stem == "task" else stem)),
+                metric=metric,
                 examples=[read_example(e, f"{path}: examples[{i}]", metric)
                           for i, e in enumerate(examples)])
     return task

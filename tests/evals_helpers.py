@@ -35,3 +35,18 @@ def run_evaluate(*args, timeout=180) -> subprocess.CompletedProcess:
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj), encoding="utf-8")
     return path
+
+
+def run_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`python evaluate.py ARGS` run in this process (no second torch import): the same main()
+    through the same cli_main, so errors still end as one line on stderr and exit code 2."""
+    import evaluate
+    from data import cli_main
+    capsys.readouterr()  # drop what earlier steps printed
+    try:
+        cli_main(lambda: evaluate.main([str(a) for a in args]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)

@@ -2,7 +2,7 @@ import json
 import re
 
 import pytest
-from evals_helpers import run_evaluate, save_forced_model, write_json
+from evals_helpers import run_evaluate, run_here, save_forced_model, write_json
 
 from evals import bigbench
 
@@ -61,14 +61,14 @@ def test_multiple_choice_grade_uses_target_scores_and_chance(tmp_path):
     assert bigbench.chance_grade(task) == pytest.approx(50.0)
 
 
-def test_cli_model_multiple_choice_by_log_likelihood(tmp_path):
+def test_cli_model_multiple_choice_by_log_likelihood(tmp_path, capsys):
     model = save_forced_model(tmp_path / "model.pt", " Blue")
     task = {"example_output_prefix": "\nA:", "examples": [
         {"input": "Sky?", "target_scores": {" Red": 0, " Blue": 1}},
         {"input": "Grass?", "target_scores": {" Green": 1, " Blue": 0}},
         {"input": "Sea?", "target_scores": {" Blue": 1, " Black": 0, " Red": 0}}]}
     path = write_json(tmp_path / "task.json", task)
-    r = run_evaluate("bigbench", path, "--model-path", model, "--output", tmp_path / "p.json",
+    r = run_here(capsys, "bigbench", path, "--model-path", model, "--output", tmp_path / "p.json",
                      "--json", tmp_path / "s.json", "--batch-size", "4")
     assert r.returncode == 0, r.stderr
     # the model always puts " Blue" first: right, wrong, right; a guess: (1/2 + 1/2 + 1/3) / 3
@@ -78,7 +78,7 @@ def test_cli_model_multiple_choice_by_log_likelihood(tmp_path):
     assert scores["chance"] == pytest.approx(100 * (1 / 2 + 1 / 2 + 1 / 3) / 3)
     assert "scored 3/3 examples" in r.stderr
     # the predictions written score the same without the model
-    r = run_evaluate("bigbench", path, "--predictions", tmp_path / "p.json")
+    r = run_here(capsys, "bigbench", path, "--predictions", tmp_path / "p.json")
     assert r.returncode == 0 and "| 3 | 66.7 | 44.4 |" in r.stdout
 
 
@@ -104,18 +104,18 @@ def test_cli_model_generative_with_limit_and_shots(tmp_path):
     ({"examples": [{"input": "a", "target": "b"}], "example_input_prefix": 1},
      r"'example_input_prefix' should be str"),
 ])
-def test_cli_bad_task_is_one_line_exit_2(tmp_path, task, message):
+def test_cli_bad_task_is_one_line_exit_2(tmp_path, task, message, capsys):
     path = write_json(tmp_path / "task.json", task)
-    r = run_evaluate("bigbench", path, "--predictions", write_json(tmp_path / "p.json", ["b"]))
+    r = run_here(capsys, "bigbench", path, "--predictions", write_json(tmp_path / "p.json", ["b"]))
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and re.search(message, r.stderr), r.stderr
 
 
-def test_cli_bad_predictions_and_shots(tmp_path):
+def test_cli_bad_predictions_and_shots(tmp_path, capsys):
     path = write_json(tmp_path / "task.json", ARITHMETIC)
-    r = run_evaluate("bigbench", path, "--predictions", write_json(tmp_path / "p.json", ["2"]))
+    r = run_here(capsys, "bigbench", path, "--predictions", write_json(tmp_path / "p.json", ["2"]))
     assert r.returncode == 2 and "p.json: 1 predictions for 3 examples" in r.stderr
-    r = run_evaluate("bigbench", path, "--predictions", write_json(tmp_path / "q.json", [2]))
+    r = run_here(capsys, "bigbench", path, "--predictions", write_json(tmp_path / "q.json", [2]))
     assert r.returncode == 2 and "q.json[0]: expected a string" in r.stderr
-    r = run_evaluate("bigbench", path, "--predictions", tmp_path / "p.json", "--shots", "3")
+    r = run_here(capsys, "bigbench", path, "--predictions", tmp_path / "p.json", "--shots", "3")
     assert r.returncode == 2 and "--shots 3: the task has 3 examples" in r.stderr

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from evals_helpers import run_evaluate as run_cli
-from evals_helpers import save_forced_model
+from evals_helpers import run_here, save_forced_model
 
 from evals import mmlu
 
@@ -126,13 +126,13 @@ def test_cli_mmlu(forced_b_model, tmp_path):
                                                              "botany": ["B"] * 2}
 
 
-def test_cli_mmlu_bad_csv_is_one_line_exit_2(forced_b_model, tmp_path):
+def test_cli_mmlu_bad_csv_is_one_line_exit_2(forced_b_model, tmp_path, capsys):
     write_csv(tmp_path / "test" / "x_test.csv", [["q", "a", "b", "c", "d", "Z"]])
-    r = run_cli("mmlu", tmp_path, "--model-path", forced_b_model)
+    r = run_here(capsys, "mmlu", tmp_path, "--model-path", forced_b_model)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "x_test.csv:1: expected question, A, B, C, D, answer letter (got answer 'Z')" in r.stderr
 
 
-def test_old_mmlu_flag_is_gone(tmp_path):
-    r = run_cli("--mmlu", tmp_path)
+def test_old_mmlu_flag_is_gone(tmp_path, capsys):
+    r = run_here(capsys, "--mmlu", tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --mmlu" in r.stderr

@@ -2,7 +2,7 @@ import json
 import re
 
 import pytest
-from evals_helpers import run_evaluate, save_forced_model, write_json
+from evals_helpers import run_evaluate, run_here, save_forced_model, write_json
 
 from evals import openai_evals as oe
 
@@ -83,7 +83,7 @@ def test_registry_yaml_gives_class_and_args(tmp_path):
         oe.registry_eval(registry, tmp_path / "other.jsonl", None)
 
 
-def test_cli_predictions_with_registry(tmp_path):
+def test_cli_predictions_with_registry(tmp_path, capsys):
     samples = write_jsonl(tmp_path / "data" / "arith" / "samples.jsonl",
                           [{"input": chat("2+2?"), "ideal": "Four"},
                            {"input": "3+3?", "ideal": ["6", "six"]}])
@@ -95,16 +95,16 @@ def test_cli_predictions_with_registry(tmp_path):
     # includes, case-blind from the registry: "four" in "it is four" -> 1; "7" -> 0
     assert "| includes | 2 | 50.0 |" in r.stdout
     assert json.loads((tmp_path / "s.json").read_text())["accuracy"] == pytest.approx(50.0)
-    r = run_evaluate("openai-evals", samples, "--eval-class", "match", "--predictions", preds)
+    r = run_here(capsys, "openai-evals", samples, "--eval-class", "match", "--predictions", preds)
     assert "| match | 2 | 0.0 |" in r.stdout
 
 
-def test_cli_model_match(tmp_path):
+def test_cli_model_match(tmp_path, capsys):
     model = save_forced_model(tmp_path / "model.pt", " Paris")
     samples = write_jsonl(tmp_path / "samples.jsonl",
                           [{"input": chat("Capital of France?"), "ideal": "Paris"},
                            {"input": chat("Capital of England?"), "ideal": "London"}])
-    r = run_evaluate("openai-evals", samples, "--model-path", model, "--max-new-tokens", "2",
+    r = run_here(capsys, "openai-evals", samples, "--model-path", model, "--max-new-tokens", "2",
                      "--output", tmp_path / "p.json", "--report", tmp_path / "r.md")
     assert r.returncode == 0, r.stderr
     # the completion " Paris Paris" starts with "Paris" once stripped: 1 of 2
@@ -121,17 +121,17 @@ def test_cli_model_match(tmp_path):
     (['{"input": "a", "ideal": ["b", 3]}'], r":1: ideal\[1\]: expected a string"),
     (["", "  "], r"samples.jsonl: no samples"),
 ])
-def test_cli_bad_samples_are_one_line_exit_2(tmp_path, lines, message):
+def test_cli_bad_samples_are_one_line_exit_2(tmp_path, lines, message, capsys):
     path = tmp_path / "samples.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    r = run_evaluate("openai-evals", path, "--predictions", write_json(tmp_path / "p.json", []))
+    r = run_here(capsys, "openai-evals", path, "--predictions", write_json(tmp_path / "p.json", []))
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and re.search(message, r.stderr), r.stderr
 
 
-def test_cli_unsupported_registry_class(tmp_path):
+def test_cli_unsupported_registry_class(tmp_path, capsys):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"input": "a", "ideal": "b"}])
     (tmp_path / "r.yaml").write_text("x:\n  class: evals.elsuite.modelgraded.classify:Classify\n")
-    r = run_evaluate("openai-evals", samples, "--registry", tmp_path / "r.yaml", "--eval", "x",
+    r = run_here(capsys, "openai-evals", samples, "--registry", tmp_path / "r.yaml", "--eval", "x",
                      "--predictions", write_json(tmp_path / "p.json", ["b"]))
     assert r.returncode == 2 and "Classify is not one of the basic evals" in r.stderr

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from evals_helpers import run_evaluate, save_forced_model, write_json
+from evals_helpers import run_evaluate, run_here, save_forced_model, write_json
 
 from evals import squad
 from evals.common import normalize_squad
@@ -117,12 +117,12 @@ def test_cli_predictions_mode_report_and_json(tmp_path):
     assert (tmp_path / "r.md").read_text().startswith("## SQuAD v2.0: ")
 
 
-def test_cli_model_mode_writes_official_predictions(tmp_path):
+def test_cli_model_mode_writes_official_predictions(tmp_path, capsys):
     model = save_forced_model(tmp_path / "model.pt", " Paris")
     long_context = "Paris is the capital of France. " * 200  # ~1400 tokens: cut to fit 256
     data = squad_file("1.1", [("Paris", long_context, [qa("a", ["Paris"]), qa("b", ["France"])])])
     path = write_json(tmp_path / "dev.json", data)
-    r = run_evaluate("squad", path, "--model-path", model, "--max-new-tokens", "2",
+    r = run_here(capsys, "squad", path, "--model-path", model, "--max-new-tokens", "2",
                      "--output", tmp_path / "pred.json", "--style", "raw")
     assert r.returncode == 0, r.stderr
     # the model says " Paris Paris": right for a (F1 2/3: P 1/2, R 1), wrong for b
@@ -143,20 +143,20 @@ def test_cli_model_mode_writes_official_predictions(tmp_path):
     (json.dumps(squad_file("1.1", [("T", 5, [])])),
      r"data\[0\].paragraphs\[0\]: 'context' should be str, got int"),
 ])
-def test_cli_bad_file_is_one_line_exit_2(tmp_path, content, message):
+def test_cli_bad_file_is_one_line_exit_2(tmp_path, content, message, capsys):
     import re
     path = tmp_path / "dev.json"
     path.write_text(content)
     preds = write_json(tmp_path / "pred.json", {})
-    r = run_evaluate("squad", path, "--predictions", preds)
+    r = run_here(capsys, "squad", path, "--predictions", preds)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and re.search(message, r.stderr), r.stderr
 
 
-def test_cli_bad_predictions_and_mode(tmp_path):
+def test_cli_bad_predictions_and_mode(tmp_path, capsys):
     data = write_json(tmp_path / "dev.json", V11)
     bad = write_json(tmp_path / "pred.json", {"m1": 3})
-    r = run_evaluate("squad", data, "--predictions", bad)
+    r = run_here(capsys, "squad", data, "--predictions", bad)
     assert r.returncode == 2 and "pred.json: the answer for 'm1' should be a string" in r.stderr
-    r = run_evaluate("squad", data)
+    r = run_here(capsys, "squad", data)
     assert r.returncode == 2 and "give either --model-path" in r.stderr

@@ -2,7 +2,7 @@ import json
 import re
 
 import pytest
-from evals_helpers import run_evaluate, save_forced_model, write_json
+from evals_helpers import run_evaluate, run_here, save_forced_model, write_json
 
 from evals import triviaqa
 from evals.common import normalize_squad
@@ -22,6 +22,12 @@ def test_normalize_trivia_follows_the_official_script(text, expected):
 
 def test_punctuation_becomes_a_space_not_nothing_unlike_squad():
     assert triviaqa.normalize_trivia("U.S.") == "u s" and normalize_squad("U.S.") == "us"
+
+
+def test_empty_answers_score_as_the_official_script():
+    assert triviaqa.score_key("", ["paris"]) == (0.0, 0.0)
+    # an empty prediction equals an alias that normalises to nothing, but shares no token
+    assert triviaqa.score_key("The", ["a"]) == (1.0, 0.0)
 
 
 def datum(qid, aliases, human=None, **extra):
@@ -85,20 +91,20 @@ def test_cli_predictions_mode(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["f1"] == pytest.approx(60.0)
 
 
-def test_cli_model_with_evidence(tmp_path):
+def test_cli_model_with_evidence(tmp_path, capsys):
     model = save_forced_model(tmp_path / "model.pt", " Mars")
     (tmp_path / "ev" / "wikipedia").mkdir(parents=True)
     (tmp_path / "ev" / "wikipedia" / "Mars.txt").write_text("Mars is red. " * 500)
     data = dataset([datum("m1", ["mars", "red planet"], EntityPages=[page("Mars.txt")]),
                     datum("m2", ["venus"], EntityPages=[page("Mars.txt")])])
     path = write_json(tmp_path / "wikipedia-dev.json", data)
-    r = run_evaluate("triviaqa", path, "--model-path", model, "--evidence", tmp_path / "ev",
+    r = run_here(capsys, "triviaqa", path, "--model-path", model, "--evidence", tmp_path / "ev",
                      "--max-new-tokens", "1", "--output", tmp_path / "pred.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "pred.json").read_text()) == {"m1": "Mars", "m2": "Mars"}
     assert "| 2 | 50.0 | 50.0 |" in r.stdout
     (tmp_path / "ev" / "wikipedia" / "Mars.txt").unlink()
-    r = run_evaluate("triviaqa", path, "--model-path", model, "--evidence", tmp_path / "ev")
+    r = run_here(capsys, "triviaqa", path, "--model-path", model, "--evidence", tmp_path / "ev")
     assert r.returncode == 2 and "Mars.txt" in r.stderr and "generated" not in r.stderr
 
 
@@ -114,9 +120,9 @@ def test_cli_model_with_evidence(tmp_path):
     (json.dumps(dataset([datum("a", ["x"])], verified=True)),
      r"Data\[0\]: missing 'QuestionPartOfVerifiedEval'"),
 ])
-def test_cli_bad_file_is_one_line_exit_2(tmp_path, content, message):
+def test_cli_bad_file_is_one_line_exit_2(tmp_path, content, message, capsys):
     path = tmp_path / "dev.json"
     path.write_text(content)
-    r = run_evaluate("triviaqa", path, "--predictions", write_json(tmp_path / "p.json", {}))
+    r = run_here(capsys, "triviaqa", path, "--predictions", write_json(tmp_path / "p.json", {}))
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and re.search(message, r.stderr), r.stderr
