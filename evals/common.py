@@ -136,13 +136,15 @@ def mean_percent(values) -> float:
     return 100.0 * sum(values) / len(values) if values else 0.0
 
 
-def group_rows(names: list[str], columns: dict[str, list[float]]) -> dict[str, dict]:
-    """{"overall": {"n", col: mean percent}, name: {...}} for per-example score columns."""
-    groups = {"overall": list(range(len(names)))}
+def group_rows(names: list[str], columns: dict[str, list[float]]) -> tuple[dict, dict]:
+    """({"n", col: mean percent} over all examples, {name: the same over that name's examples})
+    for per-example score columns."""
+    def summary(idx: list[int]) -> dict:
+        return {"n": len(idx), **{c: mean_percent(v[i] for i in idx) for c, v in columns.items()}}
+    groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
-    return {g: {"n": len(idx), **{c: mean_percent(v[i] for i in idx) for c, v in columns.items()}}
-            for g, idx in groups.items()}
+    return summary(list(range(len(names)))), {g: summary(idx) for g, idx in groups.items()}
 
 
 # ---- the model -------------------------------------------------------------------------------

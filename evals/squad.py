@@ -83,19 +83,18 @@ def score_squad(questions: list[dict], predictions: dict[str, str], v2: bool) ->
         e, f = score_question(q, predictions[q["id"]], v2) if q["id"] in predictions else (0, 0)
         exact.append(e)
         f1.append(f)
-    groups = group_rows([q["title"] for q in questions], {"exact": exact, "f1": f1})
+    overall, groups = group_rows([q["title"] for q in questions], {"exact": exact, "f1": f1})
     missing = sum(q["id"] not in predictions for q in questions)
-    overall = groups.pop("overall")
     if not v2:
         return {"exact_match": overall["exact"], "f1": overall["f1"], "total": overall["n"],
                 "missing": missing, "by_title": groups}
     scores = {"exact": overall["exact"], "f1": overall["f1"], "total": overall["n"]}
-    for name, has in (("HasAns", True), ("NoAns", False)):
-        part = [i for i, q in enumerate(questions) if q["has_answer"] == has]
-        if part:
-            scores.update({f"{name}_exact": 100 * sum(exact[i] for i in part) / len(part),
-                           f"{name}_f1": 100 * sum(f1[i] for i in part) / len(part),
-                           f"{name}_total": len(part)})
+    _, parts = group_rows(["HasAns" if q["has_answer"] else "NoAns" for q in questions],
+                          {"exact": exact, "f1": f1})
+    for name in ("HasAns", "NoAns"):  # the official script's breakdown, where there are any
+        if name in parts:
+            scores.update({f"{name}_exact": parts[name]["exact"], f"{name}_f1": parts[name]["f1"],
+                           f"{name}_total": parts[name]["n"]})
     return {**scores, "missing": missing, "by_title": groups}
 
 

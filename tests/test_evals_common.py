@@ -83,9 +83,10 @@ def test_field_names_the_entry_and_the_problem():
 
 
 def test_group_rows_means_in_percent_overall_and_per_group():
-    rows = group_rows(["x", "y", "x"], {"em": [1.0, 0.0, 0.0]})
-    assert rows["overall"] == {"n": 3, "em": pytest.approx(100 / 3)}
-    assert rows["x"] == {"n": 2, "em": 50.0} and rows["y"] == {"n": 1, "em": 0.0}
+    overall, rows = group_rows(["x", "overall", "x"], {"em": [1.0, 0.0, 0.0]})
+    assert overall == {"n": 3, "em": pytest.approx(100 / 3)}
+    # a group may be called "overall" without touching the real overall
+    assert rows == {"x": {"n": 2, "em": 50.0}, "overall": {"n": 1, "em": 0.0}}
 
 
 def test_overlap_f1_by_hand():
