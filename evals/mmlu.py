@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from evals.common import (add_common_args, benchmark_parser, check_run, load_scoring_model,
-                          write_results)
+from evals.common import (add_common_args, benchmark_parser, check_run, check_string_list,
+                          load_scoring_model, read_json_file, write_results)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -130,18 +130,34 @@ def parse_args(argv) -> argparse.Namespace:
     p = benchmark_parser("mmlu", __doc__)
     p.add_argument("dir", help="MMLU folder: DIR/test/*_test.csv, optional DIR/dev/*_dev.csv")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples from the dev file (5)")
-    add_common_args(p, model_required=True)
+    p.add_argument("--predictions", help="score this {subject: [letter per question]} JSON "
+                                         "(what --output writes) instead of running a model")
+    add_common_args(p)
     return p.parse_args(argv)
+
+
+def read_mmlu_predictions(path) -> dict[str, list[str]]:
+    """{subject: [letters]} as --output writes it; a missing letter counts as wrong."""
+    preds = read_json_file(path, "a {subject: [letters]} JSON object")
+    if not isinstance(preds, dict):
+        raise ValueError(f"{path}: expected a {{subject: [letters]}} JSON object")
+    for subject, letters in preds.items():
+        check_string_list(letters, f"{path}: {subject}")
+    return preds
 
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     check_run(args)
     subjects = load_mmlu(args.dir, args.shots, args.limit)
-    model, cfg, tokenizer = load_scoring_model(args.model_path, args.device)
-    answers = mmlu_answers(model, tokenizer, subjects, cfg["context_length"], not args.quiet)
+    if args.predictions:
+        answers, written = read_mmlu_predictions(args.predictions), None
+    else:
+        model, cfg, tokenizer = load_scoring_model(args.model_path, args.device)
+        answers = written = mmlu_answers(model, tokenizer, subjects, cfg["context_length"],
+                                         not args.quiet)
     results = mmlu_results(subjects, answers)
-    write_results(args, f"MMLU: {args.dir}", render_mmlu(results), mmlu_scores(results), answers)
+    write_results(args, f"MMLU: {args.dir}", render_mmlu(results), mmlu_scores(results), written)
 
 
 if __name__ == "__main__":

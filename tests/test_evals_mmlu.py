@@ -136,3 +136,16 @@ def test_cli_mmlu_bad_csv_is_one_line_exit_2(forced_b_model, tmp_path, capsys):
 def test_old_mmlu_flag_is_gone(tmp_path, capsys):
     r = run_here(capsys, "--mmlu", tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --mmlu" in r.stderr
+
+
+def test_predictions_mode_scores_without_a_model(tmp_path, capsys):
+    write_mmlu(tmp_path)
+    preds = tmp_path / "p.json"
+    # astronomy answers A, C, D, D: right, right, wrong, right -> 3/4; botany missing -> 0/2
+    preds.write_text(json.dumps({"astronomy": ["A", "C", "D", "D"]}))
+    r = run_here(capsys, "mmlu", tmp_path, "--predictions", preds)
+    assert r.returncode == 0, r.stderr
+    assert "| astronomy | 4 | 75.0 |" in r.stdout and "| **overall** | 6 | 50.0 |" in r.stdout
+    preds.write_text(json.dumps({"astronomy": ["A", 2]}))
+    r = run_here(capsys, "mmlu", tmp_path, "--predictions", preds)
+    assert r.returncode == 2 and "p.json: astronomy[1]: expected a string" in r.stderr
