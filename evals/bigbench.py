@@ -90,6 +90,20 @@ def build_prompt(task: dict, index: int, shots: int, style: str = "raw") -> str:
     return styled_prompt(style, instruction, body.strip(), raw=task["task_prefix"] + body)
 
 
+def with_prompt_options(task: dict, prefix: str | None, cot: bool) -> dict:
+    """The task with a prompt file's text before its own prefix (a BIG-Bench Hard cot-prompts
+    file loses its header, up to the "-----" line) and, with cot, the answer prefix ending in
+    "Let's think step by step.", as BIG-Bench Hard lays out its prompts: the prompt file, a blank
+    line, "Q: <input>", then "A: Let's think step by step."."""
+    task = dict(task)
+    if prefix is not None:
+        head, rule, body = prefix.partition("\n-----\n")
+        task["task_prefix"] = (body if rule else head).strip("\n") + "\n" + task["task_prefix"]
+    if cot:
+        task["example_output_prefix"] += "Let's think step by step."
+    return task
+
+
 def check_shots(task: dict, shots: int) -> None:
     if shots < 0 or shots >= len(task["examples"]):
         raise ValueError(f"--shots {shots}: the task has {len(task['examples'])} examples, so "
@@ -181,7 +195,10 @@ def parse_args(argv) -> argparse.Namespace:
                    help="auto: multiple_choice_grade if every example has target_scores")
     p.add_argument("--shots", type=int, default=0, help="solved examples shown first (0)")
     p.add_argument("--cot", action="store_true",
-                   help='chain of thought: the answer is the text after "the answer is"')
+                   help='chain of thought: the answer prefix ends in "Let\'s think step by step.", '
+                        'and the answer is the text after "the answer is"')
+    p.add_argument("--prompt-file", help="text put before every prompt, e.g. a BIG-Bench Hard "
+                                         "cot-prompts/<task>.txt (its header is dropped)")
     add_common_args(p)
     add_answer_args(p, "a JSON list of completions or chosen options, in file order",
                     style="raw", max_new_tokens=32)
@@ -193,6 +210,8 @@ def main(argv=None) -> None:
     check_run(args)
     task = read_task(args.file, args.metric)
     check_shots(task, args.shots)
+    prefix = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else None
+    task = with_prompt_options(task, prefix, args.cot)
     # the shots come from the whole file; --limit only shortens the examples scored
     n = min(len(task["examples"]), args.limit or len(task["examples"]))
     if args.predictions:

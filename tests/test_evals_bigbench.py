@@ -39,6 +39,16 @@ def test_multiple_choice_layout_uses_json_task_defaults(tmp_path):
         "\nQ: Sky?\n  choice: red\n  choice: blue\nA: blue\n\nQ: Grass?")
 
 
+def test_big_bench_hard_cot_prompt_layout(tmp_path):
+    task = read(tmp_path, {"examples": [{"input": "3+3", "target": "6"}]})
+    cot_file = "BBH canary GUID\n-----\nQ: 1+1\nA: Let's think step by step. So the answer is 2.\n"
+    task = bigbench.with_prompt_options(task, cot_file, cot=True)
+    # BBH: "<cot prompt>\n\nQ: <input>\nA: Let's think step by step."
+    assert bigbench.build_prompt(task, 0, shots=0) == (
+        "Q: 1+1\nA: Let's think step by step. So the answer is 2.\n\nQ: 3+3\n"
+        "A: Let's think step by step.")
+
+
 def test_exact_str_match_and_cot_extraction(tmp_path):
     task = read(tmp_path, ARITHMETIC)
     # " 2 \n" strips to "2": right; "four" is the second target: right; "7" is wrong
