@@ -1,13 +1,13 @@
-"""Judge the responses written by train.py: offline scores, an LLM judge, and MMLU-style benchmarks.
+"""Judge the responses written by train.py: offline scores and an LLM judge; benchmarks run as
+`python evaluate.py <benchmark> ...` (MMLU, SQuAD, TriviaQA, ...: see BENCHMARKS and evals/).
 
 Entry points: the pure scores (`exact_match`, `answer_contained`, `token_f1`, `rouge_l`),
-`score_entries` / `render_report`, the judge client (`check_judge`, `ask_judge`, `judge_entries`)
-and `mmlu_evaluate`. Standard library only (HTTP through urllib); torch only for `--mmlu`.
+`score_entries` / `render_report` and the judge client (`check_judge`, `ask_judge`,
+`judge_entries`). Standard library only (HTTP through urllib).
 Not a generator: it reads `model_response` fields, it does not produce them.
 """
 import argparse
 import collections
-import csv
 import http.client
 import importlib
 import json
@@ -17,10 +17,9 @@ import sys
 import unicodedata
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Callable
 
-from data import atomic_write_bytes, cli_main, format_input, get_tokenizer, load_data, write_json
+from data import atomic_write_bytes, cli_main, format_input, load_data, write_json
 
 METRICS = ("exact_match", "answer_contained", "token_f1", "rouge_l", "judge_score")
 
@@ -273,93 +272,6 @@ def judge_entries(entries: list[dict], ask: Callable[[str], str],
     return scores
 
 
-# ---- MMLU-style multiple choice, scored by the next-token logits of " A" .. " D" ---------------
-LETTERS = ("A", "B", "C", "D")
-
-
-def read_mmlu_csv(path: Path) -> list[tuple[str, list[str], str]]:
-    """(question, [A, B, C, D], answer letter) rows of one MMLU CSV file (no header row)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        try:
-            for row in reader:
-                if len(row) != 6 or row[5].strip().upper() not in LETTERS:
-                    got = f"answer {row[5]!r}" if len(row) == 6 else f"{len(row)} columns"
-                    raise ValueError(f"{path}:{reader.line_num}: expected question, A, B, C, D, "
-                                     f"answer letter (got {got})")
-                rows.append((row[0], row[1:5], row[5].strip().upper()))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise ValueError(f"{path}: not a UTF-8 CSV file ({e.__class__.__name__})") from None
-    if not rows:
-        raise ValueError(f"{path}: no questions")
-    return rows
-
-
-def find_mmlu_subjects(root) -> dict[str, tuple[Path, Path | None]]:
-    """{subject: (test csv, dev csv or None)} from DIR/test/*_test.csv or a flat DIR/*_test.csv."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory")
-    test_dir = root / "test" if (root / "test").is_dir() else root
-    subjects = {}
-    for test in sorted(test_dir.glob("*_test.csv")):
-        subject = test.name.removesuffix("_test.csv")
-        devs = [root / "dev" / f"{subject}_dev.csv", root / f"{subject}_dev.csv"]
-        subjects[subject] = (test, next((d for d in devs if d.is_file()), None))
-    if not subjects:
-        raise FileNotFoundError(f"{root}: no *_test.csv files (in {root}/test or {root})")
-    return subjects
-
-
-def format_question(question: str, choices: list[str], answer: str = "") -> str:
-    text = question + "".join(f"\n{letter}. {c}" for letter, c in zip(LETTERS, choices))
-    return text + "\nAnswer:" + (f" {answer}\n\n" if answer else "")
-
-
-def mmlu_prompt_ids(tokenizer, subject: str, shots: list, question: tuple,
-                    max_len: int) -> list[int]:
-    """Few-shot prompt ending in "Answer:"; too long: drop shots from the end, then crop left."""
-    header = ("The following are multiple choice questions (with answers) about "
-              f"{subject.replace('_', ' ')}.\n\n")
-    for k in range(len(shots), -1, -1):
-        shown = "".join(format_question(*shot) for shot in shots[:k])
-        ids = tokenizer.encode(header + shown + format_question(*question[:2]))
-        if len(ids) <= max_len:
-            return ids
-    return ids[-max_len:]
-
-
-def mmlu_evaluate(model, tokenizer, root, context_length: int, shots: int = 5, device="cpu",
-                  progress: bool = True) -> dict[str, tuple[int, int]]:
-    """{subject: (correct, total)}; the model's answer is the letter whose token scores highest."""
-    import torch  # the only part of this file that needs it
-    letter_ids = [tokenizer.encode(f" {letter}") for letter in LETTERS]
-    assert all(len(ids) == 1 for ids in letter_ids), "' A' .. ' D' must be single tokens"
-    letter_ids = torch.tensor([ids[0] for ids in letter_ids], device=device)
-    results = {}
-    for subject, (test, dev) in find_mmlu_subjects(root).items():
-        examples = read_mmlu_csv(dev)[:shots] if dev and shots > 0 else []
-        questions, correct = read_mmlu_csv(test), 0
-        for q in questions:
-            ids = mmlu_prompt_ids(tokenizer, subject, examples, q, context_length)
-            with torch.no_grad():  # only the last position's logits matter: (1, C) -> (V,)
-                logits = model.out_head(model.hidden(torch.tensor([ids], device=device))[:, -1])[0]
-            correct += LETTERS[int(logits[letter_ids].argmax())] == q[2]
-        results[subject] = (correct, len(questions))
-        if progress:
-            print(f"mmlu {subject}: {correct}/{len(questions)}", file=sys.stderr, flush=True)
-    return results
-
-
-def render_mmlu(results: dict[str, tuple[int, int]]) -> str:
-    """Markdown accuracy per subject; overall counts every question once (micro average)."""
-    lines = ["| Subject | Questions | Accuracy |", "|---|---:|---:|"]
-    lines += [f"| {s} | {n} | {100 * c / n:.1f} |" for s, (c, n) in results.items()]
-    c, n = sum(c for c, _ in results.values()), sum(n for _, n in results.values())
-    return "\n".join(lines + [f"| **overall** | {n} | {100 * c / n:.1f} |"]) + "\n"
-
-
 # ---- command line -------------------------------------------------------------------------------
 def load_responses(path: str) -> list[dict]:
     """Entries checked by data.load_data, each with a string `model_response` as well."""
@@ -376,7 +288,8 @@ def load_responses(path: str) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("responses", nargs="?", help="OUT/instruction-data-with-response.json")
+    p.add_argument("responses", help="OUT/instruction-data-with-response.json (benchmarks: see "
+                                     f"`evaluate.py <benchmark> -h`; {', '.join(BENCHMARKS)})")
     p.add_argument("--report", help="also write the report, with the worst entries, as Markdown")
     p.add_argument("--worst", type=int, default=10, help="worst entries in --report (10)")
     p.add_argument("--judge", choices=("ollama", "openai"), help="score with an LLM judge")
@@ -387,18 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to wait for the judge's next bytes (120)")
     p.add_argument("--write-scores", action="store_true",
                    help="store the judge's scores in the responses file as judge_score")
-    p.add_argument("--mmlu", help="MMLU-layout folder: DIR/test/*_test.csv, optional DIR/dev")
-    p.add_argument("--model-path", help="model written by train.py (OUT/model.pt), for --mmlu")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples from the dev file (5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                   help="auto: cuda, then mps, then cpu")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
-    if not args.responses and not args.mmlu:
-        p.error("give a responses file, --mmlu DIR, or both")
-    if args.mmlu and not args.model_path:
-        p.error("--mmlu needs --model-path")
     if args.write_scores and not args.judge:
         p.error("--write-scores needs --judge")
     return args
@@ -418,32 +322,23 @@ def main(argv=None) -> None:
     if argv and argv[0] in BENCHMARKS:
         return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
     args = parse_args(argv)
-    if args.responses:
-        entries = load_responses(args.responses)
-        if args.judge:
-            url = args.judge_url or DEFAULT_URLS[args.judge]
-            check_judge(args.judge, url, args.judge_model, args.judge_timeout)
+    entries = load_responses(args.responses)
+    if args.judge:
+        url = args.judge_url or DEFAULT_URLS[args.judge]
+        check_judge(args.judge, url, args.judge_model, args.judge_timeout)
 
-            def ask(prompt: str) -> str:
-                return ask_judge(args.judge, url, args.judge_model, prompt, args.judge_timeout)
-            scores = judge_entries(entries, ask, progress=not args.quiet)
-            for entry, score in zip(entries, scores):
-                entry["judge_score"] = score
-            if args.write_scores:
-                write_json(args.responses, entries)
-        print(render_report(entries, worst=0, source=args.responses), end="")
-        if args.report:
-            text = render_report(entries, args.worst, source=args.responses)
-            atomic_write_bytes(args.report, text.encode("utf-8"))
-            print(f"report written to {args.report}")
-    if args.mmlu:
-        from generate import pick_device  # only --mmlu needs torch and the model
-        from gpt import load_model
-        device = pick_device(args.device)
-        model, cfg = load_model(args.model_path, device=device)
-        results = mmlu_evaluate(model, get_tokenizer(), args.mmlu, cfg["context_length"],
-                                args.shots, device, progress=not args.quiet)
-        print(render_mmlu(results), end="")
+        def ask(prompt: str) -> str:
+            return ask_judge(args.judge, url, args.judge_model, prompt, args.judge_timeout)
+        scores = judge_entries(entries, ask, progress=not args.quiet)
+        for entry, score in zip(entries, scores):
+            entry["judge_score"] = score
+        if args.write_scores:
+            write_json(args.responses, entries)
+    print(render_report(entries, worst=0, source=args.responses), end="")
+    if args.report:
+        text = render_report(entries, args.worst, source=args.responses)
+        atomic_write_bytes(args.report, text.encode("utf-8"))
+        print(f"report written to {args.report}")
 
 
 if __name__ == "__main__":

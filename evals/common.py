@@ -3,18 +3,28 @@ answers with the project's cached batched generation, scoring options by log-lik
 writing predictions, scores and report sections (each file written atomically).
 """
 import argparse
+import collections
 import json
+import re
+import string
 import sys
 from pathlib import Path
 
 import torch
 
-from data import atomic_write_bytes, get_tokenizer, write_json
-from generate import generate_batched, pick_device
+from data import (PROMPT_STYLES, atomic_write_bytes, format_input, get_tokenizer, response_header,
+                  write_json)
+from generate import check_writable, generate_batched, pick_device
 from gpt import load_model
 
 
 # ---- command line ----------------------------------------------------------------------------
+def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `evaluate.py <name>`, described by the first paragraph of `doc`."""
+    return argparse.ArgumentParser(prog=f"evaluate.py {name}",
+                                   description=" ".join(doc.split("\n\n")[0].split()))
+
+
 def add_common_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     """Flags every benchmark takes: the model, how much to run, and where results go."""
     p.add_argument("--model-path", required=model_required, help="model written by train.py")
@@ -33,11 +43,130 @@ def check_limit(limit: int | None) -> None:
         raise ValueError(f"--limit must be >= 1, got {limit}")
 
 
+def add_answer_args(p: argparse.ArgumentParser, predictions: str, style: str = "alpaca",
+                    max_new_tokens: int = 32) -> None:
+    """Flags of the benchmarks that score answers: a predictions file instead of a model, the
+    prompt style, and how long an answer may be."""
+    p.add_argument("--predictions", help=f"score this predictions file ({predictions}) "
+                                         "instead of running a model")
+    p.add_argument("--style", default=style, choices=(*PROMPT_STYLES, "raw"),
+                   help=f"prompt format: the fine-tuning's alpaca or phi3, or raw text ({style})")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"longest answer generated, in tokens ({max_new_tokens})")
+
+
+def check_run(args) -> None:
+    """Exactly one of --model-path and --predictions; every output writable before any work."""
+    if bool(args.model_path) == bool(getattr(args, "predictions", None)):
+        raise ValueError("give either --model-path (run the model) or --predictions (score a "
+                         "predictions file), not both or neither")
+    check_limit(args.limit)
+    for flag in ("output", "json", "report"):
+        if getattr(args, flag, None):
+            check_writable(getattr(args, flag))
+
+
+def field(obj, key: str, kind, where: str):
+    """obj[key] when obj is a dict holding a value of type `kind`; else a ValueError that names
+    `where` (file and entry), the key and what was expected."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    if key not in obj:
+        raise ValueError(f"{where}: missing '{key}'")
+    if not isinstance(obj[key], kind) or isinstance(obj[key], bool) and kind is not bool:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: '{key}' should be {names}, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def check_string_list(items, where: str) -> list[str]:
+    """A list of strings, or a ValueError naming the first entry that is not one."""
+    if not isinstance(items, list):
+        raise ValueError(f"{where}: expected a list of strings, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ValueError(f"{where}[{i}]: expected a string, got {type(item).__name__}")
+    return items
+
+
+def read_predictions_list(path, n: int) -> list[str]:
+    """A JSON list of n completion strings (one per example, in file order)."""
+    preds = check_string_list(read_json_file(path, "a JSON list of completion strings"), str(path))
+    if len(preds) != n:
+        raise ValueError(f"{path}: {len(preds)} predictions for {n} examples (one per example, "
+                         "in file order; with --limit N, the first N)")
+    return preds
+
+
+def read_predictions_dict(path) -> dict[str, str]:
+    """An official {id: answer} predictions file (SQuAD, TriviaQA)."""
+    preds = read_json_file(path, "an {id: answer} JSON object")
+    if not isinstance(preds, dict):
+        raise ValueError(f"{path}: expected an {{id: answer}} JSON object, "
+                         f"got {type(preds).__name__}")
+    for key, value in preds.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: the answer for {key!r} should be a string, "
+                             f"got {type(value).__name__}")
+    return preds
+
+
+# ---- answers: the normalisation and token F1 of the SQuAD family of scorers -----------------
+def normalize_squad(text: str) -> str:
+    """SQuAD's normalize_answer (also OpenAI Evals' normalize): lower-case, delete ASCII
+    punctuation (string.punctuation only: "’" and "—" stay), the articles a/an/the as whole
+    words (regex \\b, so "the€" loses "the" too), then single spaces."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def overlap_f1(pred: list[str], gold: list[str]) -> float:
+    """Bag-of-tokens F1 as the SQuAD v1.1 script computes it: 0 when nothing is shared (so two
+    empty answers score 0 too; v2.0 handles empty answers before calling this)."""
+    same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_percent(values) -> float:
+    """100 x the mean of the values (0.0 for none)."""
+    values = list(values)
+    return 100.0 * sum(values) / len(values) if values else 0.0
+
+
+def group_rows(names: list[str], columns: dict[str, list[float]]) -> tuple[dict, dict]:
+    """({"n", col: mean percent} over all examples, {name: the same over that name's examples})
+    for per-example score columns."""
+    def summary(idx: list[int]) -> dict:
+        return {"n": len(idx), **{c: mean_percent(v[i] for i in idx) for c, v in columns.items()}}
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    return summary(list(range(len(names)))), {g: summary(idx) for g, idx in groups.items()}
+
+
 # ---- the model -------------------------------------------------------------------------------
 def load_scoring_model(path, device: str = "auto"):
     """(model in eval mode, its config, the tokenizer) for a model file train.py wrote."""
     model, cfg = load_model(path, device=pick_device(device))
     return model, cfg, get_tokenizer()
+
+
+def styled_prompt(style: str, instruction: str, input_text: str, raw: str) -> str:
+    """The prompt in the fine-tuning's format (alpaca, phi3) ending where the response starts,
+    or the benchmark's `raw` text prompt for a model that was not instruction-tuned."""
+    if style == "raw":
+        return raw
+    entry = {"instruction": instruction, "input": input_text}
+    return format_input(entry, style) + response_header(style)
+
+
+def truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """The text cut to its first max_tokens tokens (a passage cut to fit the context)."""
+    ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max(max_tokens, 0)])
 
 
 def cut_at_stops(text: str, stops: list[str]) -> str:
@@ -52,16 +181,28 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 3
     """The model's continuation of each prompt (cut at `stops`), greedy unless sampling says.
 
     A prompt longer than the context keeps its last tokens, leaving room for the answer.
+    Greedy decoding gives a repeated prompt the same answer, so each distinct prompt runs once.
     """
+    room = prompt_room(model, max_new_tokens)
+    unique = list(dict.fromkeys(prompts)) if not sampling.get("temperature") else list(prompts)
+    ids = [tokenizer.encode(p, allowed_special={"<|endoftext|>"})[-room:] or [50256]
+           for p in unique]
+    new = generate_batched(model, ids, max_new_tokens, batch_size, eos_id=50256,
+                           progress=progress, **sampling)
+    texts = [cut_at_stops(tokenizer.decode(t), stops or []) for t in new]
+    if len(unique) == len(prompts):
+        return texts
+    answer = dict(zip(unique, texts))
+    return [answer[p] for p in prompts]
+
+
+def prompt_room(model, max_new_tokens: int) -> int:
+    """How many prompt tokens fit in the context beside max_new_tokens new ones."""
     room = model.cfg["context_length"] - max_new_tokens
     if room < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"{model.cfg['context_length']}-token context")
-    ids = [tokenizer.encode(p, allowed_special={"<|endoftext|>"})[-room:] or [50256]
-           for p in prompts]
-    new = generate_batched(model, ids, max_new_tokens, batch_size, eos_id=50256,
-                           progress=progress, **sampling)
-    return [cut_at_stops(tokenizer.decode(t), stops or []) for t in new]
+    return room
 
 
 @torch.no_grad()
