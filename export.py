@@ -23,14 +23,17 @@ from gpt import (BOOK_RENAMES, SAFETENSORS_DTYPES, GPTModel, atomic_save, hf_to_
 
 FORMATS = ("hf", "book", "safetensors")
 HF_BLOCK_PARTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")  # stored (in, out) by Hugging Face's Conv1D
 GPT2_VOCAB_SIZE = 50257  # the tokenizer files fit only a model with GPT-2's own vocabulary
 
 
 # ---- safetensors: 8-byte header size, JSON header, raw little-endian tensor bytes ------------
-def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+def write_safetensors(path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` in the safetensors layout, streaming one tensor's bytes at a time (never a
-    copy of the whole model). Not atomic by itself: callers write beside and rename (`write_beside`)."""
+    copy of the whole model). Not atomic by itself: callers write beside and rename
+    (`write_beside`)."""
     if sys.byteorder != "little":
         raise OSError("safetensors stores little-endian bytes; this machine is big-endian")
     dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -56,11 +59,12 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 # ---- the layouts: GPT-2's (Hugging Face) and the book's -------------------------------------
 def gpt2_names(n_layers: int, tied: bool = True) -> list[str]:
-    """GPT-2's tensor names as `save_pretrained` writes them; a tied lm_head is left out, as there."""
+    """GPT-2's tensor names as `save_pretrained` writes them (a tied lm_head left out, as there)."""
     blocks = [f"transformer.h.{i}.{part}.{kind}" for i in range(n_layers)
               for part in HF_BLOCK_PARTS for kind in ("weight", "bias")]
+    head = [] if tied else ["lm_head.weight"]
     return ["transformer.wte.weight", "transformer.wpe.weight", *blocks,
-            "transformer.ln_f.weight", "transformer.ln_f.bias", *([] if tied else ["lm_head.weight"])]
+            "transformer.ln_f.weight", "transformer.ln_f.bias", *head]
 
 
 def hf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -71,13 +75,15 @@ def hf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
     state, cfg = model.state_dict(), model.cfg
     for i in range(cfg["n_layers"]):
         state.setdefault(f"trf_blocks.{i}.att.qkv.bias", torch.zeros(3 * cfg["emb_dim"]))
+    names = gpt2_names(cfg["n_layers"], model.tied_head)
     return {name: state[hf_to_gpt_name(name)].t() if name.endswith(CONV1D_WEIGHTS)
-            else state[hf_to_gpt_name(name)] for name in gpt2_names(cfg["n_layers"], model.tied_head)}
+            else state[hf_to_gpt_name(name)] for name in names}
 
 
 def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """The model's weights in the book's GPTModel names, att.mask buffers included, so that the
-    book's strict `load_state_dict` accepts it: the fused qkv splits into W_query, W_key, W_value."""
+    book's strict `load_state_dict` accepts them: the fused qkv splits into W_query, W_key,
+    W_value."""
     to_book = {ours: book for book, ours in BOOK_RENAMES.items()}
     n = model.cfg["context_length"]
     mask = torch.triu(torch.ones(n, n), diagonal=1)  # the book's buffer; one tensor saved once
@@ -211,7 +217,11 @@ def main(argv=None) -> None:
           f"parameters, head {'tied to' if model.tied_head else 'separate from'} the embedding",
           file=sys.stderr, flush=True)
     if fmt == "hf":
-        print(f"wrote {dest}/: {', '.join(export_hf(model, dest))}", file=sys.stderr)
+        names = export_hf(model, dest)
+        print(f"wrote {dest}/: {', '.join(names)}", file=sys.stderr)
+        if "vocab.json" not in names:
+            print(f"no tokenizer files: a vocabulary of {cfg['vocab_size']} is not GPT-2's",
+                  file=sys.stderr)
     elif fmt == "book":
         export_book(model, dest)
         print(f"wrote {dest}; load it with the book's GPTModel({json.dumps(book_config(cfg))})",

@@ -309,7 +309,7 @@ def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[s
     for name in expected:
         if name != "out_head.weight" and name not in state:
             raise ValueError(f"missing tensor for {name!r} in the GPT-2 checkpoint")
-    state.setdefault("out_head.weight", state["tok_emb.weight"])  # a tied model's file has no lm_head
+    state.setdefault("out_head.weight", state["tok_emb.weight"])  # tied: the file has no lm_head
     return state
 
 
@@ -365,9 +365,8 @@ def from_book(ckpt, source) -> dict | None:
 
 
 def config_from_state(state: dict, source) -> dict:
-    """The config of a state dict in this model's names: vocabulary and width from the token
-    embedding, context from the position one, layers counted, heads from the preset of that width
-    (shapes cannot tell them), qkv bias and head tying from what is there."""
+    """The config of a state dict in this model's names, from its shapes; the heads (which shapes
+    cannot tell) are those of the preset of that width."""
     try:
         emb = state["tok_emb.weight"]
         (vocab_size, width), context_length = emb.shape, state["pos_emb.weight"].shape[0]
@@ -408,7 +407,8 @@ def save_model(model: GPTModel, cfg: dict, path) -> None:
     config = dict(cfg)
     if not model.tied_head or "tie_head" in config:  # files without the key load tied, as before
         config["tie_head"] = model.tied_head
-    atomic_save({"format": "gpt2-instruct", "config": config, "state_dict": model.state_dict()}, path)
+    atomic_save({"format": "gpt2-instruct", "config": config, "state_dict": model.state_dict()},
+                path)
 
 
 def read_checkpoint(path) -> dict:
@@ -458,11 +458,10 @@ def load_state(model: GPTModel, state: dict, source, untie: bool = False) -> Non
     if model.tied_head and not torch.equal(state["out_head.weight"], state["tok_emb.weight"]):
         if not untie:
             raise ValueError(f"{source}: its output head differs from its token embedding, but "
-                             f"this model ties the two")
+                             f"this model ties the two (train.py: resume with the run's --weights)")
         model.out_head.weight = nn.Parameter(torch.empty_like(model.tok_emb.weight))
         model.cfg["tie_head"] = False
-    with torch.no_grad():
-        model.load_state_dict(state)
+    model.load_state_dict(state)
 
 
 def check_state(expected: dict, state: dict, source) -> None:
@@ -489,10 +488,10 @@ def load_weights(model: GPTModel, path) -> GPTModel:
     if (state := from_book(ckpt, path)) is not None:
         got, cfg = config_from_state(state, path), model.cfg
         if any(got[k] != cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_layers")):
-            raise ValueError(f"{path}: a {got['name']}-sized model ({got['n_layers']} layers, width "
-                             f"{got['emb_dim']}, context {got['context_length']}), not the "
-                             f"{cfg['n_layers']}-layer, width-{cfg['emb_dim']} one built here "
-                             f"(train.py: pass --model {got['name']})")
+            raise ValueError(f"{path}: a {got['name']}-sized model ({got['n_layers']} layers, "
+                             f"width {got['emb_dim']}, context {got['context_length']}), not the "
+                             f"one built here ({cfg['n_layers']}, {cfg['emb_dim']}, "
+                             f"{cfg['context_length']}); train.py: pass --model {got['name']}")
         for i in range(cfg["n_layers"] if cfg["qkv_bias"] else 0):
             state.setdefault(f"trf_blocks.{i}.att.qkv.bias", torch.zeros(3 * cfg["emb_dim"]))
     elif isinstance(ckpt, dict):

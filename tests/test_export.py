@@ -62,12 +62,14 @@ def save_book(model, path, drop_masks: bool = False) -> Path:
     return path
 
 
-def test_book_layout_is_the_books():  # guards the fixture itself: the names the issue lists
-    keys = set(book_model().state_dict())
-    for name in ("trf_blocks.0.att.W_query.weight", "trf_blocks.0.att.mask", "trf_blocks.1.norm1.scale",
-                 "trf_blocks.0.ff.layers.0.weight", "trf_blocks.0.ff.layers.2.bias",
-                 "final_norm.shift", "out_head.weight"):
-        assert name in keys
+def test_book_layout_is_the_books():  # guards the fixture: the book's state dict, key for key
+    block = ["att.W_query.weight", "att.W_query.bias", "att.W_key.weight", "att.W_key.bias",
+             "att.W_value.weight", "att.W_value.bias", "att.out_proj.weight", "att.out_proj.bias",
+             "att.mask", "ff.layers.0.weight", "ff.layers.0.bias", "ff.layers.2.weight",
+             "ff.layers.2.bias", "norm1.scale", "norm1.shift", "norm2.scale", "norm2.shift"]
+    expected = {"tok_emb.weight", "pos_emb.weight", "final_norm.scale", "final_norm.shift",
+                "out_head.weight"} | {f"trf_blocks.{i}.{k}" for i in range(2) for k in block}
+    assert set(book_model().state_dict()) == expected
 
 
 # ---- loading the book's checkpoints ---------------------------------------------------------
@@ -76,8 +78,9 @@ def test_book_checkpoint_gives_the_books_logits(tmp_path, qkv_bias, drop_masks):
     book = book_model(dict(BOOK, qkv_bias=qkv_bias))
     path = save_book(book, tmp_path / "gpt2-sft.pth", drop_masks)
     model, cfg = load_model(path)
-    assert (cfg["emb_dim"], cfg["n_heads"], cfg["n_layers"], cfg["context_length"], cfg["vocab_size"],
-            cfg["qkv_bias"], cfg["tie_head"]) == (128, 4, 2, 16, 97, qkv_bias, False)
+    got = [cfg[k] for k in ("emb_dim", "n_heads", "n_layers", "context_length", "vocab_size",
+                            "qkv_bias", "tie_head")]
+    assert got == [128, 4, 2, 16, 97, qkv_bias, False]
     with torch.no_grad():
         expected = book(IDX)
         torch.testing.assert_close(model(IDX), expected, atol=1e-5, rtol=1e-5)
@@ -120,7 +123,8 @@ def test_train_weights_flag_unties_the_head_before_the_optimizer_sees_it(tmp_pat
 
 def test_weights_of_another_size_name_the_size_to_use(tmp_path):
     path = save_book(book_model(), tmp_path / "book.pth")
-    with pytest.raises(ValueError, match=r"tiny-sized model \(2 layers, width 128.*--model tiny"):
+    with pytest.raises(ValueError, match=r"tiny-sized model \(2 layers, width 128, context 16\), "
+                       r"not the one built here \(2, 16, 32\); train.py: pass --model tiny"):
         load_weights(GPTModel(SMALL), path)
 
 
@@ -173,10 +177,13 @@ def test_project_model_exports_to_the_books_model_with_the_same_logits(tmp_path)
 
 # ---- exporting to Hugging Face --------------------------------------------------------------
 def test_gpt2_small_export_has_gpt2s_published_layout():
-    # GPT-2 small's published model.safetensors (openai-community/gpt2): per block these 12
-    # tensors, Conv1D weights stored (in, out); 2 + 12 * 12 + 2 = 148 tensors, 124,439,808 numbers
+    # GPT-2 small as published (openai-community/gpt2): per block these 12 tensors, Conv1D
+    # weights stored (in, out); 2 + 12 * 12 + 2 = 148 tensors, 124,439,808 numbers. The names carry
+    # the "transformer." prefix that save_pretrained writes; the published file's causal-mask
+    # buffers (h.N.attn.bias) are not weights and are left out, as save_pretrained leaves them.
     block = {"ln_1.weight": (768,), "ln_1.bias": (768,), "attn.c_attn.weight": (768, 2304),
-             "attn.c_attn.bias": (2304,), "attn.c_proj.weight": (768, 768), "attn.c_proj.bias": (768,),
+             "attn.c_attn.bias": (2304,), "attn.c_proj.weight": (768, 768),
+             "attn.c_proj.bias": (768,),
              "ln_2.weight": (768,), "ln_2.bias": (768,), "mlp.c_fc.weight": (768, 3072),
              "mlp.c_fc.bias": (3072,), "mlp.c_proj.weight": (3072, 768), "mlp.c_proj.bias": (768,)}
     published = {"transformer.wte.weight": (50257, 768), "transformer.wpe.weight": (1024, 768),
@@ -191,13 +198,15 @@ def test_gpt2_small_export_has_gpt2s_published_layout():
 def test_hf_export_of_a_tied_model_computes_the_models_logits(tmp_path):
     torch.manual_seed(2)
     model = GPTModel(SMALL).eval()
+    (tmp_path / "hf").mkdir()  # an empty folder is as good as a new one
     names = export.export_hf(model, tmp_path / "hf")
     assert names == ["config.json", "model.safetensors"]  # vocabulary 97: no GPT-2 tokenizer
     tensors = read_safetensors(tmp_path / "hf" / "model.safetensors")
     assert list(tensors) == export.gpt2_names(2)  # no lm_head: transformers ties it
     bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     with torch.no_grad():  # the oracle of test_gpt, written directly on GPT-2's tensors
-        torch.testing.assert_close(reference_gpt2_logits(bare, IDX, 4), model(IDX), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reference_gpt2_logits(bare, IDX, 4), model(IDX),
+                                   atol=1e-5, rtol=1e-5)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["n_embd"], config["n_layer"], config["n_head"], config["n_positions"],
             config["vocab_size"], config["tie_word_embeddings"]) == (16, 2, 4, 32, 97, True)
@@ -216,7 +225,8 @@ def test_hf_export_of_a_book_checkpoint_maps_each_tensor_and_keeps_the_head(tmp_
     assert torch.equal(t["transformer.h.1.ln_2.bias"], b["trf_blocks.1.norm2.shift"])
     qkv = torch.cat([b[f"trf_blocks.1.att.W_{p}.weight"] for p in ("query", "key", "value")])
     assert torch.equal(t["transformer.h.1.attn.c_attn.weight"], qkv.T)  # Conv1D: (in, out)
-    assert torch.equal(t["transformer.h.1.mlp.c_proj.weight"], b["trf_blocks.1.ff.layers.2.weight"].T)
+    assert torch.equal(t["transformer.h.1.mlp.c_proj.weight"],
+                       b["trf_blocks.1.ff.layers.2.weight"].T)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["eos_token_id"] == 50256
     assert (tmp_path / "hf" / "merges.txt").read_text().startswith("#version: 0.2\nĠ t\n")
@@ -344,7 +354,8 @@ def test_a_failure_half_way_leaves_no_folder_and_no_temporary(tmp_path, monkeypa
 
 
 def test_generate_accepts_a_book_checkpoint(tmp_path):
-    path = save_book(book_model(dict(BOOK, vocab_size=50257, context_length=64)), tmp_path / "b.pth")
+    book = book_model(dict(BOOK, vocab_size=50257, context_length=64))
+    path = save_book(book, tmp_path / "b.pth")
     result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model-path", str(path),
                              "--prompt", "Name a colour.", "--max-new-tokens", "3"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
