@@ -224,7 +224,7 @@ def main(argv=None) -> None:
                   file=sys.stderr)
     elif fmt == "book":
         export_book(model, dest)
-        print(f"wrote {dest}; load it with the book's GPTModel({json.dumps(book_config(cfg))})",
+        print(f"wrote {dest}; load it with the book's GPTModel({book_config(cfg)!r})",
               file=sys.stderr)
     else:
         export_safetensors(model, dest)

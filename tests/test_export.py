@@ -248,6 +248,10 @@ def test_hf_to_project_to_hf_is_bit_for_bit(tmp_path, prefix, head):
         {k: v.shape for k, v in weights.items()}
     assert all(torch.equal(written[k if k == "lm_head.weight" else "transformer." + k], v)
                for k, v in weights.items())
+    again = load_weights(GPTModel(SMALL).eval(), tmp_path / "out.safetensors")  # train.py --weights
+    assert again.tied_head == (not head)
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDX), model.eval()(IDX))
 
 
 def test_written_safetensors_match_the_test_writers_bytes(tmp_path):
@@ -266,7 +270,7 @@ def test_written_safetensors_match_the_test_writers_bytes(tmp_path):
     assert torch.equal(read_safetensors(tmp_path / "x.safetensors")["a"], tensors["a"])
 
 
-def test_hf_export_loads_in_transformers_without_warnings(tmp_path):
+def test_hf_export_loads_in_transformers_without_warnings(tmp_path, capfd):
     transformers = pytest.importorskip("transformers")
     for tied in (True, False):
         torch.manual_seed(4)
@@ -276,6 +280,9 @@ def test_hf_export_loads_in_transformers_without_warnings(tmp_path):
         hf, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
         assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys",
                                             "error_msgs")), info
+        err = capfd.readouterr().err  # transformers 5 prints a LOAD REPORT; 4 "Some weights ..."
+        assert not any(w in err for w in ("LOAD REPORT", "MISSING", "UNEXPECTED", "Some weights",
+                                          "newly initialized", "not used")), err
         ids = torch.tensor([get_tokenizer().encode("Hello, world! How are you?")])
         with torch.no_grad():
             torch.testing.assert_close(hf.eval()(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
