@@ -133,8 +133,8 @@ def write_beside(dest: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp / dest.name)
         os.replace(tmp / dest.name, dest)
-    except OSError as e:
-        raise OSError(f"cannot write {dest}: {e.strerror or e}") from None
+    except OSError as e:  # the reason alone: the message may name the temporary path
+        raise OSError(f"cannot write {dest}: {os.strerror(e.errno) if e.errno else e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
