@@ -41,13 +41,19 @@ class BookFeedForward(nn.Module):
         return self.layers(x)
 
 
+def book_gpt(cfg: dict) -> BookGPTModel:
+    """The book's GPTModel, state dict names and all."""
+    model = BookGPTModel(cfg).eval()
+    for block in model.trf_blocks:
+        block.ff = BookFeedForward(block.ff)
+    return model
+
+
 def book_model(cfg: dict = BOOK, seed: int = 0) -> BookGPTModel:
     """The book's GPTModel with random weights everywhere: LayerNorm scale/shift away from 1/0
     (so a swap would show) and an output head unlike the token embedding."""
     torch.manual_seed(seed)
-    model = BookGPTModel(cfg).eval()
-    for block in model.trf_blocks:
-        block.ff = BookFeedForward(block.ff)
+    model = book_gpt(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("scale") else 0.0))
@@ -157,19 +163,14 @@ def test_book_to_project_to_book_is_bit_for_bit(tmp_path, qkv_bias):
     written = torch.load(tmp_path / "out.pth", weights_only=True)
     assert written.keys() == original.keys()
     assert all(torch.equal(written[k], original[k]) for k in original)
-    book = BookGPTModel(export.book_config(cfg))
-    for block in book.trf_blocks:
-        block.ff = BookFeedForward(block.ff)
-    book.load_state_dict(written)  # strict: the book's GPTModel takes it as it is
+    book_gpt(export.book_config(cfg)).load_state_dict(written)  # strict: the book's GPTModel takes it as it is
 
 
 def test_project_model_exports_to_the_books_model_with_the_same_logits(tmp_path):
     torch.manual_seed(1)
     model = GPTModel(SMALL).eval()  # tied: the book gets two equal copies
     export.export_book(model, tmp_path / "book.pth")
-    book = BookGPTModel(export.book_config(model.cfg)).eval()
-    for block in book.trf_blocks:
-        block.ff = BookFeedForward(block.ff)
+    book = book_gpt(export.book_config(model.cfg))
     book.load_state_dict(torch.load(tmp_path / "book.pth", weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(book(IDX), model(IDX), atol=1e-5, rtol=1e-5)
@@ -192,6 +193,8 @@ def test_gpt2_small_export_has_gpt2s_published_layout():
     with torch.device("meta"):
         tensors = export.hf_tensors(GPTModel(model_config("gpt2-small")))
     assert {k: tuple(t.shape) for k, t in tensors.items()} == published
+    # per block 1,536 + 1,771,776 + 590,592 + 1,536 + 2,362,368 + 2,360,064 = 7,087,872;
+    # wte 38,597,376 + wpe 786,432 + 12 * 7,087,872 + ln_f 1,536 = 124,439,808
     assert len(tensors) == 148 and sum(t.numel() for t in tensors.values()) == 124_439_808
 
 
@@ -252,6 +255,14 @@ def test_hf_to_project_to_hf_is_bit_for_bit(tmp_path, prefix, head):
     assert again.tied_head == (not head)
     with torch.no_grad():
         torch.testing.assert_close(again(IDX), model.eval()(IDX))
+
+
+def test_safetensors_writer_bytes_by_hand(tmp_path):
+    export.write_safetensors(tmp_path / "x.safetensors", {"a": torch.tensor([1.0, -2.0])})
+    header = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'  # 54 bytes, padded to 56
+    # 1.0 is 0x3f800000 and -2.0 is 0xc0000000 in float32, stored little-endian
+    assert (tmp_path / "x.safetensors").read_bytes() == (
+        (56).to_bytes(8, "little") + header + b"  " + bytes.fromhex("0000803f000000c0"))
 
 
 def test_written_safetensors_match_the_test_writers_bytes(tmp_path):
