@@ -1,9 +1,11 @@
 """The GPT-2 model: architecture, presets, KV cache, and weight files.
 
 Entry points: `model_config(name)`, `GPTModel(cfg)`, `KVCache`, `load_gpt2(model, path)` for
-Hugging Face `model.safetensors` files, and `save_model` / `load_model` for this project's own
-checkpoints. It imports no other file of the project, so it can be copied alone. Names follow the book's chapter 4 (`tok_emb`, `trf_blocks`,
-`final_norm`, `out_head`); the query/key/value weights are one fused matrix, as in GPT-2's files.
+Hugging Face `model.safetensors` files, `save_model` / `load_model` for this project's own
+checkpoints (`load_model` and `load_weights` also read the book's `GPTModel` state dicts). It
+imports no other file of the project, so it can be copied alone. Names follow the book's chapter 4
+(`tok_emb`, `trf_blocks`, `final_norm`, `out_head`); query/key/value are one fused matrix, as in
+GPT-2's files. The head is tied to the token embedding unless the config says `tie_head: False`.
 """
 import json
 import math
@@ -137,11 +139,16 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        self.out_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        if cfg.get("tie_head", True):  # weight tying, as in GPT-2; the book's head has its own
+            self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
         for block in self.trf_blocks:  # GPT-2 scales residual projections by 1/sqrt(2 * n_layers)
             for proj in (block.att.out_proj, block.ff.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @property
+    def tied_head(self) -> bool:
+        return self.out_head.weight is self.tok_emb.weight
 
     @staticmethod
     def _init_weights(module):
@@ -299,26 +306,80 @@ def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[s
             raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model wants "
                              f"{tuple(expected[name].shape)} (weights of another GPT-2 size?)")
         state[name] = tensor
-    head = state.pop("out_head.weight", None)
-    if head is not None and not torch.equal(head, state.get("tok_emb.weight", head)):
-        raise ValueError("lm_head.weight differs from wte.weight; this model ties them")
     for name in expected:
         if name != "out_head.weight" and name not in state:
             raise ValueError(f"missing tensor for {name!r} in the GPT-2 checkpoint")
-    state["out_head.weight"] = state["tok_emb.weight"]
+    state.setdefault("out_head.weight", state["tok_emb.weight"])  # tied: the file has no lm_head
     return state
 
 
 def load_gpt2(model: GPTModel, path) -> GPTModel:
-    """Load a Hugging Face GPT-2 `model.safetensors` into a model built from the matching preset."""
+    """Load a Hugging Face GPT-2 `model.safetensors` into a model built from the matching preset
+    (an `lm_head.weight` unlike `wte.weight` unties the model's head)."""
     tensors = read_safetensors(path)
     try:
         state = gpt2_state_dict(tensors, model)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    with torch.no_grad():
-        model.load_state_dict(state)
+    load_state(model, state, path, untie=True)
     return model
+
+
+# ---- the book's checkpoints: torch.save(model.state_dict()) of its chapter 4 GPTModel --------
+# the book's name -> this model's, for the parts named differently (W_query, W_key, W_value aside)
+BOOK_RENAMES = {f"{norm}.{book}": f"{norm}.{ours}" for norm in ("norm1", "norm2", "final_norm")
+                for book, ours in (("scale", "weight"), ("shift", "bias"))}
+BOOK_RENAMES |= {"ff.layers.0.": "ff.fc.", "ff.layers.2.": "ff.proj."}
+
+
+def rename(name: str, renames: dict[str, str]) -> str:
+    """`name` with its first part found in `renames` replaced (no two parts overlap)."""
+    old = next((old for old in renames if old in name), None)
+    return name if old is None else name.replace(old, renames[old])
+
+
+def from_book(ckpt, source) -> dict | None:
+    """This model's state dict from the book's (chapter 5 also saves {"model_state_dict": ...,
+    "optimizer_state_dict": ...}), or None if `ckpt` is not one. The att.mask buffers are dropped;
+    W_query, W_key and W_value are stacked into the fused qkv, in that order."""
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_state_dict"), dict):
+        ckpt = ckpt["model_state_dict"]
+    if not (isinstance(ckpt, dict) and "final_norm.scale" in ckpt):
+        return None
+    state, qkv = {}, {}
+    for name, tensor in ckpt.items():
+        if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
+            raise ValueError(f"{source}: entry {name!r} is not a named tensor")
+        if re.fullmatch(r"trf_blocks\.\d+\.att\.mask", name):
+            continue  # the book's causal mask; the attention kernel here needs none
+        if m := re.fullmatch(r"(trf_blocks\.\d+\.att\.)W_(query|key|value)(\.weight|\.bias)", name):
+            qkv.setdefault(f"{m[1]}qkv{m[3]}", {})[m[2]] = tensor
+        else:
+            state[rename(name, BOOK_RENAMES)] = tensor
+    for name, parts in qkv.items():
+        if len(parts) != 3 or len({p.shape for p in parts.values()}) != 1:
+            raise ValueError(f"{source}: {name.replace('qkv', 'W_query/W_key/W_value')} are "
+                             f"not three tensors of one shape")
+        state[name] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return state
+
+
+def config_from_state(state: dict, source) -> dict:
+    """The config of a state dict in this model's names, from its shapes; the heads (which shapes
+    cannot tell) are those of the preset of that width."""
+    try:
+        emb = state["tok_emb.weight"]
+        (vocab_size, width), context_length = emb.shape, state["pos_emb.weight"].shape[0]
+    except (KeyError, AttributeError, ValueError, IndexError):
+        raise ValueError(f"{source}: no token and position embeddings of a GPT model") from None
+    name = next((n for n in MODEL_NAMES if model_config(n)["emb_dim"] == width), None)
+    if name is None:
+        raise ValueError(f"{source}: embedding width {width} is none of {', '.join(MODEL_NAMES)}")
+    head = state.get("out_head.weight", emb)
+    return dict(model_config(name), name=name, vocab_size=vocab_size, context_length=context_length,
+                n_layers=len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")}),
+                qkv_bias="trf_blocks.0.att.qkv.bias" in state,
+                tie_head=head is emb or (isinstance(head, torch.Tensor) and torch.equal(head, emb)))
 
 
 # ---- this project's own checkpoints ---------------------------------------------------------
@@ -334,7 +395,8 @@ def atomic_save(obj, path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # (unlink under a missing folder would raise ENOTDIR, not ENOENT)
+            tmp.unlink()
         if isinstance(e, OSError):  # name the file asked for, not the temporary one
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
@@ -342,7 +404,10 @@ def atomic_save(obj, path) -> None:
 
 def save_model(model: GPTModel, cfg: dict, path) -> None:
     """Write the weights and the config they need to `path` atomically (temp file + rename)."""
-    atomic_save({"format": "gpt2-instruct", "config": dict(cfg), "state_dict": model.state_dict()},
+    config = dict(cfg)
+    if not model.tied_head or "tie_head" in config:  # files without the key load tied, as before
+        config["tie_head"] = model.tied_head
+    atomic_save({"format": "gpt2-instruct", "config": config, "state_dict": model.state_dict()},
                 path)
 
 
@@ -358,17 +423,22 @@ def read_checkpoint(path) -> dict:
 
 
 def load_model(path, device="cpu") -> tuple[GPTModel, dict]:
-    """Load a model written by `save_model`; returns it in eval mode with its config."""
+    """Load a model written by `save_model`, or the book's GPTModel state dict (its size read from
+    the shapes); returns it in eval mode with its config."""
     ckpt = read_checkpoint(path)
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct"):
-        raise ValueError(f"{path}: not a model saved by this project (no gpt2-instruct header)")
-    cfg, state = ckpt.get("config"), ckpt.get("state_dict")
+    if (state := from_book(ckpt, path)) is not None:
+        cfg = config_from_state(state, path)
+    elif isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct":
+        cfg, state = ckpt.get("config"), ckpt.get("state_dict")
+    else:
+        raise ValueError(f"{path}: neither a model saved by this project (no gpt2-instruct header) "
+                         f"nor a state dict of the book's GPTModel")
     if not (isinstance(state, dict) and valid_config(cfg) and cfg["n_layers"] <= len(state)):
         raise ValueError(f"{path}: its config or state dict is missing or malformed")
     with torch.device("meta"):  # shapes only: a wrong config must not allocate a huge model
         check_state(GPTModel(cfg).state_dict(), state, path)
     model = GPTModel(cfg)
-    model.load_state_dict(state)
+    load_state(model, state, path)
     return model.to(device).eval(), cfg
 
 
@@ -377,11 +447,20 @@ def valid_config(cfg) -> bool:
     sizes = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
     return (isinstance(cfg, dict) and all(type(cfg.get(k)) is int and cfg[k] > 0 for k in sizes)
             and cfg["emb_dim"] % cfg["n_heads"] == 0 and type(cfg.get("qkv_bias")) is bool
-            and type(cfg.get("drop_rate")) in (int, float) and 0 <= cfg["drop_rate"] < 1)
+            and type(cfg.get("drop_rate")) in (int, float) and 0 <= cfg["drop_rate"] < 1
+            and type(cfg.get("tie_head", True)) is bool)
 
 
-def load_state(model: GPTModel, state: dict, source) -> None:
+def load_state(model: GPTModel, state: dict, source, untie: bool = False) -> None:
+    """Load a state dict in this model's names. A head unlike the embedding would be lost on a
+    tied model: `untie` gives the head its own weight first (before any optimizer sees it)."""
     check_state(model.state_dict(), state, source)
+    if model.tied_head and not torch.equal(state["out_head.weight"], state["tok_emb.weight"]):
+        if not untie:
+            raise ValueError(f"{source}: its output head differs from its token embedding, but "
+                             f"this model ties the two (train.py: resume with the run's --weights)")
+        model.out_head.weight = nn.Parameter(torch.empty_like(model.tok_emb.weight))
+        model.cfg["tie_head"] = False
     model.load_state_dict(state)
 
 
@@ -399,14 +478,25 @@ def check_state(expected: dict, state: dict, source) -> None:
 
 
 def load_weights(model: GPTModel, path) -> GPTModel:
-    """`--weights PATH`: a Hugging Face .safetensors file, or a .pt written by this project."""
+    """`--weights PATH`: a Hugging Face .safetensors file, a .pt written by this project, or the
+    book's GPTModel state dict (its own head unties `model`'s; no qkv bias is a zero one)."""
     with open(path, "rb") as f:
         is_zip = f.read(2) == b"PK"  # torch.save's format is a zip archive
     if not is_zip:
         return load_gpt2(model, path)
     ckpt = read_checkpoint(path)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if (state := from_book(ckpt, path)) is not None:
+        got, cfg = config_from_state(state, path), model.cfg
+        if any(got[k] != cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_layers")):
+            raise ValueError(f"{path}: a {got['name']}-sized model ({got['n_layers']} layers, "
+                             f"width {got['emb_dim']}, context {got['context_length']}), not the "
+                             f"one built here ({cfg['n_layers']}, {cfg['emb_dim']}, "
+                             f"{cfg['context_length']}); train.py: pass --model {got['name']}")
+        for i in range(cfg["n_layers"] if cfg["qkv_bias"] else 0):
+            state.setdefault(f"trf_blocks.{i}.att.qkv.bias", torch.zeros(3 * cfg["emb_dim"]))
+    elif isinstance(ckpt, dict):
+        state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds no state dict")
-    load_state(model, state, path)
+    load_state(model, state, path, untie=True)
     return model
