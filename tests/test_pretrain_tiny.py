@@ -128,3 +128,17 @@ def test_corpus_only_writes_the_text(tmp_path):
 def test_cuda_asked_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="--device cuda was asked for"):
         pretrain_tiny.main(["--device", "cuda", "--steps", "1"])
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path):
+    with pytest.raises(OSError, match="cannot write .*missing or read-only"):
+        pretrain_tiny.main(["--out", str(tmp_path / "missing" / "tiny.pt")])
+
+
+def test_tokenize_joins_passages_with_the_real_endoftext_token():
+    from data import ENDOFTEXT, get_tokenizer
+    tokenizer = get_tokenizer()
+    text = tiny_corpus.build_corpus(3, 20)
+    ids = pretrain_tiny.tokenize(text, tokenizer)
+    assert ids.tolist() == tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    assert ids.tolist().count(50256) == 19
