@@ -61,15 +61,18 @@ FACTS = [  # (table, statements, questions) with {x}, {y}, {X}, {ax}, {Ax}, {ay}
      ["Same meaning as {q}{x}{q}?", "Another way to say {q}{x}{q}?"]),
     ([(n, md.plural(n)) for n in md.NOUNS + [w for w, _ in md.category_members()]],
      ["The plural of {q}{x}{q} is {q}{y}{q}.", "One {x}, two {y}.",
-      "Take the word {q}{x}{q}. In the plural, {q}{x}{q} becomes {q}{y}{q}.", "{q}{y}{q} is the plural of {q}{x}{q}."],
+      "Take the word {q}{x}{q}. In the plural, {q}{x}{q} becomes {q}{y}{q}.",
+      "{q}{y}{q} is the plural of {q}{x}{q}."],
      ["More than one {x}?", "Plural form, {q}{x}{q}?"]),
     ([(v, md.past_tense(v)) for v in md.VERBS],
      ["The past tense of {q}{x}{q} is {q}{y}{q}.", "Today I {x}; yesterday I {y}.",
-      "Take the verb {q}{x}{q}. In the past tense, {q}{x}{q} becomes {q}{y}{q}.", "{X} turns into {y} in the past."],
+      "Take the verb {q}{x}{q}. In the past tense, {q}{x}{q} becomes {q}{y}{q}.",
+      "{X} turns into {y} in the past."],
      ["Yesterday, I ... ({x})?", "Past of {q}{x}{q}?"]),
     ([(a, md.comparative(a)) for a in md.ADJECTIVES],
      ["The comparative of {q}{x}{q} is {q}{y}{q}.", "{X}, {y}, and then the most {x} of all.",
-      "Take the word {q}{x}{q}. To compare, {q}{x}{q} becomes {q}{y}{q}.", "This one is {x}, that one is {y}."],
+      "Take the word {q}{x}{q}. To compare, {q}{x}{q} becomes {q}{y}{q}.",
+      "This one is {x}, that one is {y}."],
      ["Comparative, {q}{x}{q}?", "More {x}, in one word?"]),
 ]
 
@@ -100,7 +103,8 @@ def spelling_item(rng):
                         f"{letters(rev, ', ')}, so {q}{w}{q} backwards is {q}{rev}{q}.",
                         f"Written backwards, {q}{w}{q} is {q}{rev}{q}.",
                         f"{q}{w}{q} spelled backwards is {q}{rev}{q}.",
-                        f"{q}{w}{q} is spelled {letters(w, '-')}; from the end it is {letters(rev, '-')}: {q}{rev}{q}."])
+                        f"{q}{w}{q} is spelled {letters(w, '-')}; from the end it is "
+                        f"{letters(rev, '-')}: {q}{rev}{q}."])
         return f"{q}{w}{q} from right to left?", rev, s
     if kind == 1:
         numbered = ", ".join(f"{i} {c}" for i, c in enumerate(w, 1))
@@ -187,7 +191,8 @@ def number_item(rng):
     numbers = rng.sample(range(1, 100), rng.randint(3, 6))
     listed = ", ".join(map(str, numbers))
     s = rng.choice([f"From smallest to largest, {listed} become {', '.join(map(str, sorted(numbers)))}.",
-                    f"Among {listed}, the largest number is {max(numbers)} and the smallest is {min(numbers)}."])
+                    f"Among {listed}, the largest number is {max(numbers)} and the smallest is "
+                    f"{min(numbers)}."])
     return f"Largest of {listed}?", str(max(numbers)), s
 
 

@@ -56,7 +56,8 @@ def test_real_corpus_holds_no_instruction_triple(corpus, entries):
 @pytest.mark.parametrize("with_input", [False, True])
 def test_held_out_check_fails_on_an_injected_entry(corpus, entries, with_input):
     entry = next(e for e in entries if bool(e["input"]) == with_input)
-    leaked = corpus[:100_000] + tiny_corpus.SEP + f"{entry['instruction']}\n{entry['input']}\n{entry['output']}"
+    triple = f"{entry['instruction']}\n{entry['input']}\n{entry['output']}"
+    leaked = corpus[:100_000] + tiny_corpus.SEP + triple
     assert tiny_corpus.leaked_entries(leaked, entries) == [entry]
     with pytest.raises(ValueError, match="1 instruction-set entries"):
         tiny_corpus.check_held_out(leaked, entries)
@@ -107,7 +108,9 @@ def test_five_steps_write_a_loadable_reproducible_model(tmp_path, capsys):
     first, second = run(tmp_path, "a.pt"), run(tmp_path, "b.pt")
     model, cfg = load_model(first)
     assert {k: cfg[k] for k in model_config("tiny")} == model_config("tiny")
-    assert first.stat().st_size < 30e6  # ~7.2M fp32 parameters, the tied head stored once
+    assert first.stat().st_size < 16 * 2**20  # ~7.26M fp16 parameters, the tied head stored once
+    assert torch.load(first, weights_only=True)["state_dict"]["tok_emb.weight"].dtype == torch.float16
+    assert model.tok_emb.weight.dtype == torch.float32  # loaded into fp32 for training
     again, _ = load_model(second)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     log = capsys.readouterr().err
