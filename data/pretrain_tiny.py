@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic  # noqa: F401  (the fill_uninitialized_memory switch)
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py) and tiny_corpus.py
@@ -116,7 +117,8 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
             history.append(row)
             held = f"  held-out {row['held_out']:.3f}" if "held_out" in row else ""
             log(f"step {done}/{args.steps}  loss {row['loss']:.3f}{held}  lr {row['lr']:.2e}  "
-                f"{row['tokens_per_s']:,.0f} tokens/s  {now - start:.0f}s")
+                f"{row['tokens_per_s']:,.0f} tokens/s  {now - start:.0f}s, "
+                f"about {(now - start) * (args.steps - done) / done:.0f}s to go")
             last_time, last_step = time.perf_counter(), done
     return history
 
@@ -195,6 +197,7 @@ def main(argv=None) -> None:
         f"{args.window} tokens on {device}")
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every new tensor
     model = GPTModel(cfg).to(device)
     pretrain(model, train_tokens, val_tokens, args, device, log)
     save_model(model.to("cpu", STORE_DTYPE), cfg, args.out)  # load_model copies it into fp32
