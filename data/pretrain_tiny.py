@@ -89,15 +89,17 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
-    data_order = torch.Generator().manual_seed(args.seed)  # on the CPU: the same order on any device
+    # every step's window offsets drawn up front on the CPU: the same order on any device, and
+    # no host-to-device copy (which waits for the GPU) inside the loop
+    order = torch.randint(len(train_tokens) - length, (args.steps, args.batch_size),
+                          generator=torch.Generator().manual_seed(args.seed)).to(device)
     val_offsets = torch.randint(len(val_tokens) - length, (args.eval_batches * args.batch_size,),
                                 generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     train_tokens, val_tokens = train_tokens.to(device), val_tokens.to(device)
     history, start, last_time, last_step = [], time.perf_counter(), time.perf_counter(), 0
     model.train()
     for step in range(args.steps):
-        offsets = torch.randint(len(train_tokens) - length, (args.batch_size,), generator=data_order)
-        inputs, targets = get_batch(train_tokens, offsets.to(device), length)
+        inputs, targets = get_batch(train_tokens, order[step], length)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         with autocast():
