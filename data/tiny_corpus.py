@@ -45,7 +45,7 @@ FACTS = [  # (table, statements, questions) with {x}, {y}, {X}, {ax}, {Ax}, {ay}
      ["Language of {x}?", "What do people in {x} mostly speak?", "Main language in {x}?"]),
     (md.ANIMAL_SOUNDS, ["{Ax} goes {q}{y}{q}.", "The sound of {ax} is {q}{y}{q}.", "{Ax} says {q}{y}{q}.",
                         "When {ax} calls, it goes {q}{y}{q}."],
-     ["Sound of {ax}?", "How does {ax} sound?", "What goes {q}{y}{q}?"]),
+     ["Sound of {ax}?", "How does {ax} sound?", "What noise comes from {ax}?"]),
     (md.COLOURS, ["{X} is {y}.", "The colour of {x} is {y}.", "{X} is usually {y}."],
      ["Colour of {x}?", "Which colour has {x}?"]),
     (md.BABY_ANIMALS, ["A baby {x} is called {ay}.", "A young {x} is {ay}.", "{Ay} is a baby {x}."],
@@ -190,10 +190,11 @@ def number_item(rng):
         return f"{v} {src}, in {dst}?", str(v * factor), s
     numbers = rng.sample(range(1, 100), rng.randint(3, 6))
     listed = ", ".join(map(str, numbers))
-    s = rng.choice([f"From smallest to largest, {listed} become {', '.join(map(str, sorted(numbers)))}.",
-                    f"Among {listed}, the largest number is {max(numbers)} and the smallest is "
-                    f"{min(numbers)}."])
-    return f"Largest of {listed}?", str(max(numbers)), s
+    if rng.random() < 0.5:
+        done = ", ".join(map(str, sorted(numbers)))
+        return f"{listed}, small to big?", done, f"From smallest to largest, {listed} become {done}."
+    return (f"Largest of {listed}?", str(max(numbers)),
+            f"Among {listed}, the largest number is {max(numbers)} and the smallest is {min(numbers)}.")
 
 
 ITEMS = ([lambda rng, t=t: table_item(rng, *t) for t in FACTS]
