@@ -264,17 +264,21 @@ def build_corpus(seed: int, n_passages: int) -> str:
 def leaked_entries(corpus: str, entries: list[dict], window: int = 200) -> list[dict]:
     """Entries whose instruction appears in `corpus` followed, within `window` characters after
     its input and output would end, by that input and output: the triple the model is tested on."""
+    by_instruction: dict[str, list[dict]] = {}
+    for e in entries:  # many entries share an instruction ("Make this noun plural."): search it once
+        by_instruction.setdefault(e["instruction"], []).append(e)
     leaked = []
-    for e in entries:
-        start = corpus.find(e["instruction"])
-        while start != -1:
-            end = start + len(e["instruction"]) + len(e["input"]) + len(e["output"]) + window
-            tail = corpus[start + len(e["instruction"]):end]
-            at = tail.find(e["input"])
-            if at != -1 and e["output"] in tail[at + len(e["input"]):]:
-                leaked.append(e)
-                break
-            start = corpus.find(e["instruction"], start + 1)
+    for instruction, group in by_instruction.items():
+        start = corpus.find(instruction)
+        while start != -1 and group:
+            for e in list(group):
+                end = start + len(instruction) + len(e["input"]) + len(e["output"]) + window
+                tail = corpus[start + len(instruction):end]
+                at = tail.find(e["input"])
+                if at != -1 and e["output"] in tail[at + len(e["input"]):]:
+                    leaked.append(e)
+                    group.remove(e)
+            start = corpus.find(instruction, start + 1)
     return leaked
 
 
