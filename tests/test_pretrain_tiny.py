@@ -1,0 +1,147 @@
+"""Tests for data/tiny_corpus.py (the pretraining text, held out from the instruction set) and
+data/pretrain_tiny.py (the pretraining run that writes the `tiny` model's starting weights)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import load_model, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """data/ has no __init__.py (a package there would shadow data.py), so load by path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_corpus = load_script("tiny_corpus")
+pretrain_tiny = load_script("pretrain_tiny")
+
+
+@pytest.fixture(scope="module")
+def entries() -> list[dict]:
+    return json.loads((REPO / "data" / "instruction-data.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    return tiny_corpus.build_corpus(7, 5000)
+
+
+def test_corpus_is_deterministic_per_seed():
+    a = tiny_corpus.build_corpus(1, 300)
+    assert a == tiny_corpus.build_corpus(1, 300)
+    assert a != tiny_corpus.build_corpus(2, 300)
+    assert a.count(tiny_corpus.SEP) == 299  # one separator between each two passages
+
+
+def test_corpus_covers_the_tables_and_avoids_the_alpaca_template(corpus):
+    for country, capital in tiny_corpus.md.CAPITALS:
+        assert country in corpus and capital in corpus
+    assert "### Instruction" not in corpus and "### Response" not in corpus
+    # the copying passages: a word with its letters, a list and the same list sorted
+    assert "Its letters are " in corpus and "In alphabetical order they are: " in corpus
+
+
+def test_real_corpus_holds_no_instruction_triple(corpus, entries):
+    tiny_corpus.check_held_out(corpus, entries)  # raises if any (instruction, input, output) is in it
+
+
+@pytest.mark.parametrize("with_input", [False, True])
+def test_held_out_check_fails_on_an_injected_entry(corpus, entries, with_input):
+    entry = next(e for e in entries if bool(e["input"]) == with_input)
+    triple = f"{entry['instruction']}\n{entry['input']}\n{entry['output']}"
+    leaked = corpus[:100_000] + tiny_corpus.SEP + triple
+    assert tiny_corpus.leaked_entries(leaked, entries) == [entry]
+    with pytest.raises(ValueError, match="1 instruction-set entries"):
+        tiny_corpus.check_held_out(leaked, entries)
+
+
+def test_held_out_allows_the_facts_alone():
+    entry = {"instruction": "What is the capital of Peru?", "input": "",
+             "output": "The capital of Peru is Lima."}
+    assert tiny_corpus.leaked_entries("The capital of Peru is Lima.", [entry]) == []
+    # the question far from its answer (more than the 200-character window) is not the triple either
+    far = "What is the capital of Peru?" + " x" * 200 + " The capital of Peru is Lima."
+    assert tiny_corpus.leaked_entries(far, [entry]) == []
+    assert tiny_corpus.leaked_entries("Q: What is the capital of Peru?\nA: The capital of Peru is Lima.",
+                                      [entry]) == [entry]
+
+
+def test_get_batch_shifts_targets_by_one():
+    inputs, targets = pretrain_tiny.get_batch(torch.arange(10), torch.tensor([0, 3]), 4)
+    assert inputs.tolist() == [[0, 1, 2, 3], [3, 4, 5, 6]]
+    assert targets.tolist() == [[1, 2, 3, 4], [4, 5, 6, 7]]
+
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    lr = lambda step: pretrain_tiny.lr_at(step, steps=110, peak=1.0, warmup=10)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1)    # (0 + 1) / 10
+    assert lr(9) == pytest.approx(1.0)    # end of warm-up
+    assert lr(10) == pytest.approx(1.0)   # cosine at progress 0: 0.1 + 0.9 * 1
+    assert lr(60) == pytest.approx(0.55)  # progress 0.5: 0.1 + 0.9 * 0.5
+    assert lr(110) == pytest.approx(0.1)  # progress 1: 0.1 + 0.9 * 0
+
+
+def test_split_keeps_the_last_tokens_out_and_refuses_tiny_corpora():
+    train, val = pretrain_tiny.split_tokens(torch.arange(100), 0.2, 4)
+    assert train.tolist() == list(range(80)) and val.tolist() == list(range(80, 100))
+    with pytest.raises(ValueError, match="too few"):
+        pretrain_tiny.split_tokens(torch.arange(8), 0.2, 4)
+
+
+def run(tmp_path, name, *extra):
+    out = tmp_path / name
+    pretrain_tiny.main(["--device", "cpu", "--passages", "300", "--steps", "5", "--batch-size", "2",
+                        "--window", "16", "--warmup", "2", "--eval-every", "5", "--eval-batches", "1",
+                        "--log-every", "5", "--out", str(out), *extra])
+    return out
+
+
+def test_five_steps_write_a_loadable_reproducible_model(tmp_path, capsys):
+    first, second = run(tmp_path, "a.pt"), run(tmp_path, "b.pt")
+    model, cfg = load_model(first)
+    assert {k: cfg[k] for k in model_config("tiny")} == model_config("tiny")
+    assert first.stat().st_size < 16 * 2**20  # ~7.26M fp16 parameters, the tied head stored once
+    assert torch.load(first, weights_only=True)["state_dict"]["tok_emb.weight"].dtype == torch.float16
+    assert model.tok_emb.weight.dtype == torch.float32  # loaded into fp32 for training
+    again, _ = load_model(second)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    log = capsys.readouterr().err
+    assert "step 5/5  loss " in log and "held-out" in log and "sha256 " in log
+    torch.manual_seed(pretrain_tiny.SEED)  # the weights the run started from: it did train them
+    start = pretrain_tiny.GPTModel(model_config("tiny")).state_dict()
+    assert not torch.equal(start["trf_blocks.0.ff.proj.weight"],
+                           again.state_dict()["trf_blocks.0.ff.proj.weight"])
+
+
+def test_corpus_only_writes_the_text(tmp_path):
+    out = tmp_path / "corpus.txt"
+    pretrain_tiny.main(["--passages", "50", "--corpus-only", str(out)])
+    assert out.read_text(encoding="utf-8") == tiny_corpus.build_corpus(pretrain_tiny.SEED, 50)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_asked_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="--device cuda was asked for"):
+        pretrain_tiny.main(["--device", "cuda", "--steps", "1"])
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path):
+    with pytest.raises(OSError, match="cannot write .*missing or read-only"):
+        pretrain_tiny.main(["--out", str(tmp_path / "missing" / "tiny.pt")])
+
+
+def test_tokenize_joins_passages_with_the_real_endoftext_token():
+    from data import ENDOFTEXT, get_tokenizer
+    tokenizer = get_tokenizer()
+    text = tiny_corpus.build_corpus(3, 20)
+    ids = pretrain_tiny.tokenize(text, tokenizer)
+    assert ids.tolist() == tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    assert ids.tolist().count(50256) == 19
