@@ -99,6 +99,9 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
     history, start, last_time, last_step = [], time.perf_counter(), time.perf_counter(), 0
     model.train()
     for step in range(args.steps):
+        if args.time_limit and time.perf_counter() - start > args.time_limit:
+            log(f"stopping at step {step}: --time-limit {args.time_limit:.0f}s reached")
+            break
         inputs, targets = get_batch(train_tokens, order[step], length)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -159,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out losses")
     p.add_argument("--eval-batches", type=int, default=10, help="batches in each held-out loss")
     p.add_argument("--log-every", type=int, default=200, help="steps between progress lines")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="stop training after this many seconds and save (0: no limit)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available, else the CPU")
     p.add_argument("--out", type=Path, default=OUT, help="where the weights go (default: %(default)s)")
