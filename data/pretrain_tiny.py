@@ -102,6 +102,9 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
         if args.time_limit and time.perf_counter() - start > args.time_limit:
             log(f"stopping at step {step}: --time-limit {args.time_limit:.0f}s reached")
             break
+        if step == args.stop_after:  # the shipped file's run, reproduced without a clock
+            log(f"stopping at step {step} (--stop-after)")
+            break
         inputs, targets = get_batch(train_tokens, order[step], length)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -164,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=200, help="steps between progress lines")
     p.add_argument("--time-limit", type=float, default=0,
                    help="stop training after this many seconds and save (0: no limit)")
+    p.add_argument("--stop-after", type=int, default=-1,
+                   help="stop after this many steps, keeping the schedule of --steps (-1: never)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available, else the CPU")
     p.add_argument("--out", type=Path, default=OUT, help="where the weights go (default: %(default)s)")
