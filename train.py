@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from collate import make_loader
 from data import (InstructionDataset, atomic_write_bytes, cache_root, cli_main, download,
-                  get_tokenizer, load_data, split_data, write_json)
+                  format_input, get_tokenizer, load_data, split_data, write_json)
 from generate import generate_responses, pick_device
 from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, atomic_save, check_safetensors_complete,
                  load_state, load_weights, model_config, read_checkpoint, save_model)
@@ -31,9 +31,12 @@ from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, atomic_save, check_safetensors
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
 BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
                      eval_batches=5, patience=20, max_length=1024)
-# Training from scratch needs more epochs and a higher learning rate than fine-tuning.
-TINY_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=50,
+# `tiny` starts from data/tiny-pretrained.pt (data/pretrain_tiny.py), as the book starts from
+# OpenAI's GPT-2; from scratch it needs more epochs and a higher learning rate.
+TINY_PRETRAINED = Path(__file__).parent / "data" / "tiny-pretrained.pt"
+TINY_DEFAULTS = dict(epochs=3, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=25,
                      eval_batches=5, patience=6, max_length=256)
+SCRATCH_DEFAULTS = dict(TINY_DEFAULTS, epochs=15, eval_every=50)
 PAD_MULTIPLE = 16  # batch lengths are padded to a multiple of it (collate.padded_length)
 
 
@@ -313,8 +316,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def fill_defaults(args) -> argparse.Namespace:
-    """Unset flags take the book's values, or the tiny demo's own when training from scratch."""
-    defaults = TINY_DEFAULTS if args.model == "tiny" else BOOK_DEFAULTS
+    """Unset flags take the book's values, or the tiny demo's own."""
+    defaults = BOOK_DEFAULTS if args.model != "tiny" else \
+        SCRATCH_DEFAULTS if args.from_scratch else TINY_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -328,10 +332,11 @@ def build_model(args, log=print) -> tuple[GPTModel, dict]:
                          f"length {cfg['context_length']}")
     torch.manual_seed(args.seed)
     model = GPTModel(cfg)
-    if args.weights or (args.model != "tiny" and not args.resume):
-        path = args.weights or download_gpt2(args.model)
-        log(f"loading weights from {path}")
-        load_weights(model, path)
+    if args.resume or (args.from_scratch and not args.weights):
+        return model, cfg  # weights come from the checkpoint, or stay random
+    path = args.weights or (TINY_PRETRAINED if args.model == "tiny" else download_gpt2(args.model))
+    log(f"loading weights from {path}")
+    load_weights(model, path)
     return model, cfg
 
 
@@ -372,6 +377,14 @@ def sample_response(model, entry, tokenizer, style, max_new_tokens=35) -> str:
                               max_new_tokens=max_new_tokens, batch_size=1)[0]
 
 
+def show_examples(entries: list[dict], responses: list[str], style: str, n: int = 3,
+                  log=print) -> None:
+    """The book's check by eye: a few test prompts, the expected answer and the model's."""
+    for entry, response in list(zip(entries, responses))[:n]:
+        log(f"\n{format_input(entry, style)}\n\nCorrect response:\n>> {entry['output']}"
+            f"\n\nModel response:\n>> {response.strip()}\n" + "-" * 40)
+
+
 def plot_losses(history: list, path: Path) -> bool:
     """Train and validation loss against epochs, tokens seen on a second axis (needs matplotlib)."""
     try:
@@ -403,8 +416,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 (or train the tiny preset from scratch) "
                                 "to follow instructions.")
     p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small",
-                   help="preset (gpt2-small); 'tiny' trains from scratch offline, others load GPT-2 weights")
+                   help="preset (gpt2-small); 'tiny' is offline: the 7M model pretrained by "
+                        "data/pretrain_tiny.py; others load OpenAI's GPT-2 weights")
     p.add_argument("--weights", help="local model.safetensors (or .pt state dict); no download")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random initial weights instead of pretrained ones (tiny: 15 epochs)")
     p.add_argument("--data", default=DEFAULT_DATA, help="instruction data: JSON file or http(s) URL")
     p.add_argument("--prompt-style", choices=("alpaca", "phi3"), default="alpaca",
                    help="prompt format (alpaca)")
@@ -507,6 +523,7 @@ def main(argv=None) -> None:
         generate_seconds = time.perf_counter() - start
         write_json(out_dir / "instruction-data-with-response.json",
                    [dict(e, model_response=r) for e, r in zip(test_data, responses)])
+        show_examples(test_data, responses, args.prompt_style, log=log)
     write_json(out_dir / "metrics.json", {
         "settings": {k: v for k, v in vars(args).items()}, "model_config": cfg,
         "history": state.history, "best_step": state.best_step, "best_val_loss": state.best_val,
