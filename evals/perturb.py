@@ -70,14 +70,20 @@ def same_case(word: str, like: str) -> str:
     return word[0].upper() + word[1:] if like[0].isupper() else word
 
 
+# after these (or punctuation, or the end) "her" is an object, "him"; before a noun it is "his"
+OBJECT_FOLLOWERS = {"at", "to", "in", "on", "with", "for", "from", "about", "by", "as", "and",
+                    "or", "but", "that", "the", "a", "an", "if", "when", "because", "so", "again",
+                    "too", "up", "down", "out", "off", "back", "away", "into", "is", "was"}
+
+
 def swap_gender(text: str, seed=None) -> str:
     """Gendered words swapped both ways (he <-> she, king <-> queen, ...). "her" is ambiguous:
-    before punctuation or at the end it is taken as "him", elsewhere as "his"."""
+    "him" before punctuation, the end or a word of OBJECT_FOLLOWERS, else "his"."""
     def swap(m: re.Match) -> str:
         word = m[0].lower()
         if word == "her":
-            rest = text[m.end():].lstrip(" ")
-            new = "him" if not rest or not rest[0].isalnum() else "his"
+            after = re.match(r"\s*(\w*)", text[m.end():])[1].lower()
+            new = "him" if not after or after in OBJECT_FOLLOWERS else "his"
         else:
             new = GENDER_SWAP[word]
         return same_case(new, m[0])
