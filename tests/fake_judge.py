@@ -4,31 +4,15 @@ import contextlib
 import json
 import re
 import time
-from http.server import BaseHTTPRequestHandler
 
 from local_server import local_server
+from test_evaluate import JudgeHandler
 
 SLOW = object()  # a policy's answer that makes the judge stall past the client's timeout
 
 
-class JudgeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def send_json(self, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path == "/api/tags":
-            return self.send_json({"models": [{"name": "judge:latest"}]})
-        self.send_json({"object": "list", "data": [{"id": "judge", "object": "model"}]})
+class PolicyJudgeHandler(JudgeHandler):
+    """test_evaluate's fake judge (its model list names llama3), answering by a policy."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -39,10 +23,10 @@ class JudgeHandler(BaseHTTPRequestHandler):
             time.sleep(2)
             return
         if self.path == "/v1/chat/completions":
-            return self.send_json({"object": "chat.completion", "choices": [
+            return self.send_json(200, {"object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": reply}}]})
         if not self.server.stream:
-            return self.send_json({"model": body["model"], "done": True,
+            return self.send_json(200, {"model": body["model"], "done": True,
                                    "message": {"role": "assistant", "content": reply}})
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
@@ -59,7 +43,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def fake_judge(policy, stream: bool = True):
     """A judge server whose `url` to use and whose `prompts` list records what it was asked."""
-    with local_server(JudgeHandler) as srv:
+    with local_server(PolicyJudgeHandler) as srv:
         srv.policy, srv.stream, srv.prompts = policy, stream, []
         srv.handle_error = lambda *args: None  # a stalled reply's client has gone away
         yield srv

@@ -113,14 +113,14 @@ def test_llm_judge_stands_in_for_the_user(models, tmp_path, capsys):
     with fake_judge(lambda prompt: "A") as judge:  # always the first shown: every battle a tie
         arena.main([*map(str, models), "--names", "a", "b", "c", "--battles", str(battles),
                     "--prompts", str(prompts), "--rounds", "5", "--judge", "openai",
-                    "--judge-url", judge.url, "--judge-model", "judge", "--max-new-tokens", "3",
+                    "--judge-url", judge.url, "--max-new-tokens", "3",
                     "--quiet"])
     assert len(judge.prompts) == 10  # 5 battles x 2 orders (random models differ in answers)
     assert "Add 2 and 2.\n\nnumbers" in judge.prompts[2]
     lines = [json.loads(line) for line in battles.read_text().splitlines()]
     assert len(lines) == 6 and lines[0]["model_a"] == "old"  # earlier battles are kept
     assert {r["winner"] for r in lines[1:]} == {"tie"}
-    assert {r["judge"] for r in lines[1:]} == {"openai:judge"}
+    assert {r["judge"] for r in lines[1:]} == {"openai:llama3"}
     assert "5 battles added" in capsys.readouterr().out
     ratings = bradley_terry([b for b in read_battles(battles) if b[0] != "old"], prior=0)
     assert len(set(round(v, 6) for v in ratings.values())) == 1  # all ties: equal ratings
@@ -133,7 +133,7 @@ def test_garbage_verdicts_skip_the_battle(models, tmp_path, capsys):
     with fake_judge(lambda prompt: "no idea", stream=False) as judge:
         arena.main([*map(str, models[:2]), "--battles", str(battles), "--prompts",
                     str(prompts), "--judge", "ollama", "--judge-url", judge.url,
-                    "--judge-model", "judge", "--max-new-tokens", "3", "--quiet"])
+                    "--max-new-tokens", "3", "--quiet"])
     assert not battles.exists()
     out = capsys.readouterr().out
     assert "0 battles added to" in out and "(1 skipped: the judge gave no usable verdict)" in out

@@ -106,7 +106,7 @@ def test_ollama_streamed_judge_gives_alpacaeval_win_rate_and_annotations(tmp_pat
     ann, out = tmp_path / "annotations.json", tmp_path / "wr.json"
     with fake_judge(prefer("good")) as judge:
         pairwise.main([str(a), str(b), "--names", "mine", "theirs", "--judge", "ollama",
-                       "--judge-url", judge.url, "--judge-model", "judge", "--annotations",
+                       "--judge-url", judge.url, "--annotations",
                        str(ann), "--json", str(out), "--quiet"])
     # Q1, Q2: A wins (2); Q3 both good: the judge picks the first shown each time, a tie (1.5);
     # Q4: B wins (1); Q5 identical: a tie without asking. Same as the hand example: 60.0
@@ -123,7 +123,7 @@ def test_ollama_streamed_judge_gives_alpacaeval_win_rate_and_annotations(tmp_pat
     first = records[0]
     assert first["instruction"] == "Q1\n\nctx" and first["output_1"] == "bad one"
     assert first["output_2"] == "good one" and first["generator_1"] == "theirs"
-    assert first["generator_2"] == "mine" and first["annotator"] == "ollama:judge"
+    assert first["generator_2"] == "mine" and first["annotator"] == "ollama:llama3"
     assert "Q1\n\nctx" in judge.prompts[0] and shown(judge.prompts[0]) == ("bad one", "good one")
     # recomputed from the annotations alone, through evaluate.py, with no judge at all
     r = run_cli("--annotations", ann)
@@ -137,7 +137,7 @@ def test_judge_that_always_prefers_the_first_answer_yields_all_ties(tmp_path, ki
     out = tmp_path / "wr.json"
     with fake_judge(lambda prompt: "A", stream=stream) as judge:
         pairwise.main([str(a), str(b), "--judge", kind, "--judge-url", judge.url,
-                       "--judge-model", "judge", "--json", str(out), "--quiet"])
+                       "--json", str(out), "--quiet"])
     w = json.loads(out.read_text())[0]["overall"]
     assert (w["win_rate"], w["n_draws"], w["n_wins"], w["n_wins_base"]) == (50.0, 5, 0, 0)
 
@@ -147,7 +147,7 @@ def test_garbage_answers_are_retried_left_out_and_asked_again_later(tmp_path):
     ann, out = tmp_path / "annotations.json", tmp_path / "wr.json"
     with fake_judge(lambda prompt: "Both are lovely.") as judge:
         pairwise.main([str(a), str(b), "--judge", "ollama", "--judge-url", judge.url,
-                       "--judge-model", "judge", "--annotations", str(ann), "--json", str(out),
+                       "--annotations", str(ann), "--json", str(out),
                        "--quiet"])
     assert len(judge.prompts) == 16  # 4 pairs x 2 orders x (ask + one retry)
     w = json.loads(out.read_text())[0]["overall"]
@@ -155,7 +155,7 @@ def test_garbage_answers_are_retried_left_out_and_asked_again_later(tmp_path):
     assert [r["preference"] for r in json.loads(ann.read_text())] == [None] * 4 + [1.5]
     with fake_judge(prefer("good")) as judge:
         pairwise.main([str(a), str(b), "--judge", "ollama", "--judge-url", judge.url,
-                       "--judge-model", "judge", "--annotations", str(ann), "--json", str(out),
+                       "--annotations", str(ann), "--json", str(out),
                        "--quiet"])
     assert len(judge.prompts) == 8
     assert json.loads(out.read_text())[0]["overall"]["win_rate"] == pytest.approx(60.0)
@@ -169,12 +169,12 @@ def test_timeout_keeps_the_annotations_so_far_and_a_rerun_goes_on(tmp_path):
         with pytest.raises(JudgeError, match=r"did not answer within 0.5s; the pairs judged "
                                              r"so far are kept in .*annotations.json"):
             pairwise.main([str(a), str(b), "--judge", "openai", "--judge-url", judge.url,
-                           "--judge-model", "judge", "--judge-timeout", "0.5",
+                           "--judge-timeout", "0.5",
                            "--annotations", str(ann), "--quiet"])
     assert [r["preference"] for r in json.loads(ann.read_text())] == [2.0, 2.0]
     with fake_judge(fair) as judge:
         pairwise.main([str(a), str(b), "--judge", "openai", "--judge-url", judge.url,
-                       "--judge-model", "judge", "--annotations", str(ann), "--quiet"])
+                       "--annotations", str(ann), "--quiet"])
     assert len(judge.prompts) == 4  # Q1 and Q2 were not asked again
     assert len(json.loads(ann.read_text())) == 5
 
