@@ -17,9 +17,9 @@ from data import write_json
 from evaluate import DEFAULT_URLS, JudgeError, ask_judge, check_judge
 from evals.common import markdown_table, read_json_file, write_results
 
-JUDGE_PROMPT = """You are comparing two responses to the same instruction. Choose the response that \
-follows the instruction better: the more helpful, correct and relevant one. The order in which \
-they are shown and their length do not matter.
+JUDGE_PROMPT = """You are comparing two responses to the same instruction. Choose the response \
+that follows the instruction better: the more helpful, correct and relevant one. The order in \
+which they are shown and their length do not matter.
 
 ## Instruction
 {instruction}

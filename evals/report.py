@@ -8,6 +8,7 @@ Entry points: `load_task`, `run_reference`, `run_choice`, `evaluate_task`, `main
 import argparse
 import importlib
 import math
+import random
 import resource
 import string
 import sys
@@ -71,25 +72,58 @@ def mmlu_task(root) -> list[dict]:
     return items
 
 
-def load_task(spec: str) -> tuple[str, str, list[dict]]:
+def instruction_choices(entries: list[dict], test: list[dict], seed, n: int = 4) -> list[dict]:
+    """The test entries as multiple choice: the right `answer` among up to n - 1 others drawn
+    (seeded) from the answers of the same task in the whole file, in a seeded order."""
+    by_task = {}
+    for e in entries:
+        by_task.setdefault(e.get("task", "-"), set()).add(str(e["answer"]))
+    items = []
+    for i, e in enumerate(test):
+        rng = random.Random(f"{seed}:{i}")
+        others = sorted(by_task[e.get("task", "-")] - {str(e["answer"])})
+        choices = rng.sample(others, min(n - 1, len(others))) + [str(e["answer"])]
+        rng.shuffle(choices)
+        if len(choices) > 1:
+            question = e["instruction"] + (f"\n{e['input']}" if e.get("input") else "")
+            items.append({"question": question, "choices": choices,
+                          "answer": choices.index(str(e["answer"]))})
+    return items
+
+
+def load_task(spec: str, seed=123) -> tuple[str, str, list[dict]]:
     """(name, kind, items) for a --tasks entry: instructions[:FILE] (the test split of the
-    embedded data or FILE), ref:FILE (all entries), mc:FILE, mmlu:DIR."""
+    embedded data or FILE), choices[:FILE] (that split as multiple choice, for entries with an
+    `answer`), ref:FILE (all entries), mc:FILE, mmlu:DIR."""
     kind, _, arg = spec.partition(":")
     if kind == "instructions":
         return spec, "reference", split_data(load_data(arg or str(EMBEDDED_DATA)))[2]
+    if kind == "choices":
+        entries = load_data(arg or str(EMBEDDED_DATA))
+        if not all("answer" in e for e in entries):
+            raise ValueError(f"{arg or EMBEDDED_DATA}: choices needs an 'answer' in every entry")
+        return spec, "choice", instruction_choices(entries, split_data(entries)[2], seed)
     if kind == "ref" and arg:
         return f"ref:{Path(arg).stem}", "reference", load_data(arg)
     if kind == "mc" and arg:
         return f"mc:{Path(arg).stem}", "choice", choice_task(arg)
     if kind == "mmlu" and arg:
         return "mmlu", "choice", mmlu_task(arg)
-    raise ValueError(f"unknown task {spec!r}; use instructions[:FILE], ref:FILE, mc:FILE "
-                     "or mmlu:DIR")
+    raise ValueError(f"unknown task {spec!r}; use instructions[:FILE], choices[:FILE], "
+                     "ref:FILE, mc:FILE or mmlu:DIR")
 
 
 # ---- running the model on a task's items --------------------------------------------------------
-def reference_metric(items: list[dict]) -> str:
-    """answer_contained when every entry has a short `answer`; ROUGE-L against `output` else."""
+REFERENCE_METRICS = ("exact_match", "answer_contained", "token_f1", "rouge_l")
+
+
+def reference_metric(items: list[dict], choice: str = "auto") -> str:
+    """`choice`, or for "auto": answer_contained when every entry has a short `answer`,
+    ROUGE-L against `output` else."""
+    if choice != "auto":
+        if choice == "answer_contained" and not all("answer" in e for e in items):
+            raise ValueError("--reference-metric answer_contained needs an 'answer' in every entry")
+        return choice
     return "answer_contained" if all("answer" in e for e in items) else "rouge_l"
 
 
@@ -100,7 +134,7 @@ def run_reference(model, tokenizer, items: list[dict], args) -> tuple[list, list
                for e in items]
     texts = [t.strip() for t in generate_texts(model, tokenizer, prompts, args.max_new_tokens,
                                                args.batch_size)]
-    metric = reference_metric(items)
+    metric = reference_metric(items, args.reference_metric)
     scores = [score_entry(dict(e, model_response=t))[metric] for e, t in zip(items, texts)]
     tokens = sum(len(tokenizer.encode(p)) + len(tokenizer.encode(t))
                  for p, t in zip(prompts, texts))
@@ -183,7 +217,8 @@ def evaluate_task(model, tokenizer, name: str, kind: str, items: list[dict], arg
     start = time.perf_counter()
     scores, confidences, tokens = run(model, tokenizer, items, args)
     seconds = time.perf_counter() - start
-    row = {"task": name, "metric": reference_metric(items) if kind == "reference" else "accuracy",
+    metric = reference_metric(items, args.reference_metric) if kind == "reference" else "accuracy"
+    row = {"task": name, "metric": metric,
            "n": len(items), "accuracy": 100 * mean(scores),
            "ece": None if kind == "reference" else
            100 * expected_calibration_error(confidences, scores, bins=10),
@@ -230,13 +265,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("model", nargs="?", help="model written by train.py (or --model-path)")
     p.add_argument("--tasks", nargs="+", default=["instructions"],
                    help="instructions[:FILE] (test split of the embedded data or FILE), "
-                        "ref:FILE (every entry), mc:FILE (JSON list of {question, choices, "
-                        "answer}), mmlu:DIR (MMLU CSVs, zero-shot); default: instructions")
+                        "choices[:FILE] (that split as 4-way multiple choice), ref:FILE (every "
+                        "entry), mc:FILE (JSON list of {question, choices, answer}), mmlu:DIR "
+                        "(MMLU CSVs, zero-shot); default: instructions")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="answer length limit on reference-answer tasks (64)")
+    p.add_argument("--reference-metric", choices=("auto",) + REFERENCE_METRICS, default="auto",
+                   help="score of reference-answer tasks; auto: answer_contained when every "
+                        "entry has an `answer`, else rouge_l")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="alpaca",
                    help="the prompt format the model was trained with (alpaca)")
-    p.add_argument("--seed", type=int, default=123, help="seed of the perturbations (123)")
+    p.add_argument("--seed", type=int, default=123,
+                   help="seed of the perturbations and of the choices task's distractors (123)")
     add_common_args(p)
     args = p.parse_args(argv)
     args.model = args.model or args.model_path
@@ -248,7 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    tasks = [load_task(spec) for spec in args.tasks]  # bad task files fail before the model loads
+    tasks = [load_task(spec, args.seed) for spec in args.tasks]  # bad files fail before loading
     model, _, tokenizer = load_scoring_model(args.model, args.device)
     rows, predictions = [], []
     for name, kind, items in tasks:
@@ -257,5 +297,6 @@ def main(argv=None) -> None:
         predictions += per_item
     result = {"model": str(args.model), "tasks": rows,
               "settings": {"seed": args.seed, "limit": args.limit, "prompt_style":
-                           args.prompt_style, "max_new_tokens": args.max_new_tokens}}
+                           args.prompt_style, "max_new_tokens": args.max_new_tokens,
+                           "reference_metric": args.reference_metric}}
     write_results(args, f"HELM-style report: {args.model}", render(rows), result, predictions)

@@ -15,8 +15,9 @@ from evals import report
 from evals.calibration import expected_calibration_error
 from evals.perturb import (NEIGHBOURS, extra_whitespace, lowercase, name_mapping, swap_gender,
                            swap_names, typos)
-from evals.report import (check_choice_item, choice_probabilities, choice_prompt, load_task,
-                          perturb_item, run_choice, worst_case)
+from evals.report import (check_choice_item, choice_probabilities, choice_prompt,
+                          instruction_choices, load_task,
+                          perturb_item, reference_metric, run_choice, worst_case)
 from gpt import GPTModel, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_choice_items_are_checked(tmp_path):
     assert (name, kind, len(items)) == ("instructions", "reference", 113)  # the test split
 
 
-# ---- the command, end to end on a small model ------------------------------------------------------
+# ---- the command, end to end on a small model ---------------------------------------------------
 def test_cli_report_over_instructions_multiple_choice_and_mmlu(tmp_path):
     torch.manual_seed(0)
     save_model(GPTModel(CFG), CFG, tmp_path / "m.pt")
@@ -198,3 +199,27 @@ def test_bad_task_file_fails_before_the_model_loads(tmp_path):
     with pytest.raises(ValueError, match=r"quiz.json: question 0: 'answer' must be a choice's "
                                          r"index or letter, got 5"):
         report.main(["no-model.pt", "--tasks", f"mc:{tmp_path / 'quiz.json'}"])
+
+
+def test_reference_metric_choice():
+    with_answer, without = [{"answer": "x"}], [{"output": "y"}]
+    assert reference_metric(with_answer) == "answer_contained"
+    assert reference_metric(with_answer + without) == "rouge_l"
+    assert reference_metric(with_answer, "token_f1") == "token_f1"
+    with pytest.raises(ValueError, match="needs an 'answer' in every entry"):
+        reference_metric(without, "answer_contained")
+
+
+def test_instruction_choices_draw_distractors_from_the_same_task():
+    entries = [{"task": "t", "answer": a} for a in "vwxyz"] + \
+        [{"task": "u", "answer": a} for a in ("yes", "no")] + [{"task": "solo", "answer": "s"}]
+    test = [dict(e, instruction=f"q{i}", input="in" if i == 0 else "")
+            for i, e in enumerate(entries[:1] + entries[5:6] + entries[7:])]
+    items = instruction_choices(entries, test, seed=5)
+    assert len(items) == 2  # "solo" has no other answer to choose from: left out
+    first, second = items
+    assert first["question"] == "q0\nin" and first["choices"][first["answer"]] == "v"
+    assert len(first["choices"]) == 4 and set(first["choices"]) <= set("vwxyz")
+    assert sorted(second["choices"]) == ["no", "yes"] and second["choices"][second["answer"]] \
+        == "yes"
+    assert instruction_choices(entries, test, seed=5) == items
