@@ -141,7 +141,8 @@ def run_arena(models: list, names: list[str], tokenizer, args, ask=None) -> tupl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py arena", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="evaluate.py arena",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("models", nargs="+", help="two or more model files written by train.py")
     p.add_argument("--names", nargs="+", help="a name per model for the battle log "
                                               "(default: the paths)")

@@ -227,7 +227,8 @@ def render(summaries: list[dict]) -> str:
 
 # ---- command line ------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py pairwise", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="evaluate.py pairwise",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("outputs", nargs="*", metavar="FILE",
                    help="A.json B.json: response files (book or AlpacaEval model_outputs shape); "
                         "none: recompute win rates from --annotations alone")

@@ -210,7 +210,8 @@ def render(result: dict) -> str:
 
 # ---- command line ------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py ratings", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="evaluate.py ratings",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("battles", nargs="+", help="battle files: JSON lines with model_a, model_b, "
                                               "winner (from `arena`), or the Arena's JSON list")
     p.add_argument("--bootstrap", type=int, default=1000,

@@ -261,7 +261,8 @@ def render(rows: list[dict]) -> str:
 
 # ---- command line ------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="evaluate.py report",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("model", nargs="?", help="model written by train.py (or --model-path)")
     p.add_argument("--tasks", nargs="+", default=["instructions"],
                    help="instructions[:FILE] (test split of the embedded data or FILE), "
