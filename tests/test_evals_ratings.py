@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from evals import ratings
 from evals.ratings import (bootstrap, bradley_terry, mle_exists, online_elo, percentile,
                            read_battles, records)
 
@@ -156,8 +157,14 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     ("{oops\n", r"b.jsonl: not JSON lines or a JSON list"),
     ("\n", r"no battles in"),
 ])
-def test_cli_bad_battles_are_one_line_exit_2(tmp_path, content, message):
+def test_bad_battles_are_named(tmp_path, content, message):
     (tmp_path / "b.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        ratings.main([str(tmp_path / "b.jsonl")])
+
+
+def test_cli_bad_battles_are_one_line_exit_2(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"model_a": "x", "model_b": "y", "winner": "a"}\n')
     r = run_cli(tmp_path / "b.jsonl")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert __import__("re").search(message, r.stderr), r.stderr
+    assert "b.jsonl:1: winner 'a' is not one of" in r.stderr
