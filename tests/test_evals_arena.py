@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_judge import fake_judge
+from fake_judge import SLOW, fake_judge
 
 from evals import arena
 from evals.arena import model_names, pick_pair, read_prompts, record_battle
 from evals.ratings import bradley_terry, read_battles
+from evaluate import JudgeError
 from gpt import GPTModel, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def test_terminal_arena_hides_names_until_the_vote(models, tmp_path):
     assert sorted(names) == sorted(map(str, models[:2]))
     term.read_until("Type a prompt")
     term.type("")  # an empty prompt ends the session
-    out, _ = term.proc.communicate(timeout=60)
-    assert term.proc.returncode == 0 and "1 battles added to" in out
+    assert "1 battles added to" in term.read_until("battles added to")
+    assert term.proc.wait(timeout=60) == 0
     [record] = [json.loads(line) for line in battles.read_text().splitlines()]
     assert [record["model_a"], record["model_b"]] == names
     assert record["winner"] == "model_b" and record["judge"] == "human"
@@ -171,3 +172,17 @@ def test_read_prompts(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="empty.txt: no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_judge_timeout_keeps_the_battles_so_far(models, tmp_path):
+    battles = tmp_path / "battles.jsonl"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first\nsecond\n")
+    with fake_judge(lambda p: SLOW if "second" in p else "A") as judge:
+        with pytest.raises(JudgeError, match=r"did not answer within 0.5s; the battles so far "
+                                             r"are kept in .*battles.jsonl"):
+            arena.main([*map(str, models[:2]), "--battles", str(battles), "--prompts",
+                        str(prompts), "--judge", "openai", "--judge-url", judge.url,
+                        "--judge-timeout", "0.5", "--max-new-tokens", "3", "--quiet"])
+    [record] = [json.loads(line) for line in battles.read_text().splitlines()]
+    assert record["prompt"] == "first" and record["winner"] == "tie"

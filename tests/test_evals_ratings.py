@@ -86,8 +86,8 @@ def test_unbeaten_model_needs_the_prior():
 
 def test_a_strictly_stronger_model_ranks_first():
     battles = simulated({"strong": 4.0, "middle": 2.0, "weak": 1.0})
-    for ratings in (online_elo(battles), bradley_terry(battles, prior=0), bradley_terry(battles)):
-        assert sorted(ratings, key=ratings.get, reverse=True) == ["strong", "middle", "weak"]
+    for fitted in (online_elo(battles), bradley_terry(battles, prior=0), bradley_terry(battles)):
+        assert sorted(fitted, key=fitted.get, reverse=True) == ["strong", "middle", "weak"]
     bt = bradley_terry(battles, prior=0)
     # true gaps are 400 log10(2) = 120.4 each; 300 battles estimate them roughly
     assert 60 < bt["strong"] - bt["middle"] < 200 and 60 < bt["middle"] - bt["weak"] < 200
