@@ -160,6 +160,10 @@ def annotate(pairs: list[tuple[dict, dict]], records: list[dict], ask, annotator
     interrupted run keeps everything judged so far."""
     known = {annotation_key(r): r for r in records if r["preference"] is not None}
     out = []
+
+    def snapshot() -> list[dict]:  # the new verdicts, and every older record not yet replaced
+        done = {annotation_key(r) for r in out}
+        return out + [r for r in records if annotation_key(r) not in done]
     for n, (a, b) in enumerate(pairs, 1):
         record = {"instruction": a["instruction"], "output_1": b["output"],
                   "generator_1": b["generator"], "output_2": a["output"],
@@ -174,7 +178,7 @@ def annotate(pairs: list[tuple[dict, dict]], records: list[dict], ask, annotator
                                  record["output_2"]), annotator=annotator)
         out.append(record)
         known[annotation_key(record)] = record
-        save(out)
+        save(snapshot())
         if progress:
             print(f"\rjudged {n}/{len(pairs)} pairs", end="\n" if n == len(pairs) else "",
                   file=sys.stderr, flush=True)
@@ -262,12 +266,13 @@ def main(argv=None) -> None:
         if len(pairs) < max(len(a), len(b)) and not args.quiet:
             print(f"{len(pairs)} instructions are in both files ({len(a)} in A, {len(b)} in B)",
                   file=sys.stderr)
-        others = [r for r in records if r.get("generator_2") != pairs[0][0]["generator"]
-                  or r.get("generator_1") != pairs[0][1]["generator"]]
+        mine = [r for r in records if (r.get("generator_2"), r.get("generator_1")) ==
+                (pairs[0][0]["generator"], pairs[0][1]["generator"])]
+        others = [r for r in records if r not in mine]  # other comparisons in the same file
         save = (lambda done: write_json(args.annotations, others + done)) if args.annotations \
             else (lambda done: None)
         try:
-            records = annotate(pairs, records, ask, f"{args.judge}:{args.judge_model}", save,
+            records = annotate(pairs, mine, ask, f"{args.judge}:{args.judge_model}", save,
                                progress=not args.quiet)
         except JudgeError as e:
             kept = f"the pairs judged so far are kept in {args.annotations}; run again to go on" \

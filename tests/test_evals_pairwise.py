@@ -179,6 +179,24 @@ def test_timeout_keeps_the_annotations_so_far_and_a_rerun_goes_on(tmp_path):
     assert len(json.loads(ann.read_text())) == 5
 
 
+def test_a_failed_run_keeps_older_annotations_it_had_not_reached(tmp_path):
+    a, b = write_pair_files(tmp_path)
+    ann = tmp_path / "annotations.json"
+    old = {"instruction": "Q4", "output_1": "good four", "output_2": "bad four",
+           "generator_1": "base", "generator_2": str(a), "preference": 1.0}
+    other = {"instruction": "Q9", "output_1": "x", "output_2": "y", "generator_1": "p",
+             "generator_2": "q", "preference": 2.0}
+    ann.write_text(json.dumps([other, old]))
+    fair = prefer("good")
+    with fake_judge(lambda p: SLOW if "Q2" in p else fair(p)) as judge:
+        with pytest.raises(JudgeError, match="did not answer"):
+            pairwise.main([str(a), str(b), "--judge", "ollama", "--judge-url", judge.url,
+                           "--judge-timeout", "0.5", "--annotations", str(ann), "--quiet"])
+    saved = json.loads(ann.read_text())
+    assert [r["instruction"] for r in saved] == ["Q9", "Q1\n\nctx", "Q4"]
+    assert saved[2]["preference"] == 1.0 and saved[0] == other
+
+
 def test_judge_down_is_one_line_exit_2_and_annotations_untouched(tmp_path):
     a, b = write_pair_files(tmp_path)
     ann = tmp_path / "annotations.json"
