@@ -122,22 +122,28 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> Non
 
 
 @torch.inference_mode()
-def generate(model: GPTModel, idx, max_new_tokens: int, context_size: int | None = None,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, use_cache: bool = True,
+def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None, *,
+             top_p: float | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None):
-    """Continue each prompt by up to `max_new_tokens` tokens; a row stops at its own `eos_id`.
+    """The book's `generate`: continue each prompt by up to `max_new_tokens` tokens.
 
+    Positional arguments as in the book; each row stops at its own `eos_id`. Works with any
+    module that maps (B, T) token ids to (B, T, vocab) logits, the book's GPTModel included;
+    models without this project's KV cache (no `hidden`) take the book's plain loop.
     idx: a (B, T) LongTensor (the book's form; returns (B, T + n), rows that stopped early padded
     with eos_id), or a list of token-id lists of any lengths (returns prompt + new tokens per row,
     EOS not included). Greedy when temperature is 0. An empty prompt is a ValueError (pass
     [eos_id] to generate from nothing). Sampling is reproducible with `generator` (or
     torch.manual_seed).
     """
-    context_size = context_size or model.cfg["context_length"]
-    if context_size > model.cfg["context_length"]:
-        raise ValueError(f"context_size {context_size} exceeds the model's context length "
-                         f"{model.cfg['context_length']}")
+    limit = getattr(model, "cfg", {}).get("context_length")
+    context_size = context_size or limit
+    if context_size is None:
+        raise ValueError("context_size is needed for a model without a `cfg` (the book's: "
+                         "model.pos_emb.weight.shape[0])")
+    if limit is not None and context_size > limit:
+        raise ValueError(f"context_size {context_size} exceeds the model's context length {limit}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     as_tensor = isinstance(idx, torch.Tensor)
@@ -149,7 +155,7 @@ def generate(model: GPTModel, idx, max_new_tokens: int, context_size: int | None
             raise ValueError(f"prompt {i} is empty; give at least one token (e.g. [eos_id])")
     if not as_tensor and not prompts:
         return []
-    if not use_cache:
+    if not use_cache or not hasattr(model, "hidden"):
         if as_tensor:
             return generate_plain(model, idx, max_new_tokens, context_size, eos_id, **sampling)
         device = next(model.parameters()).device

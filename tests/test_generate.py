@@ -267,3 +267,21 @@ def test_cli_ctrl_c_during_a_file_run_leaves_no_output(tiny_model_path, tmp_path
         proc.kill()
     assert proc.returncode != 0
     assert os.listdir(tmp_path) == ["in.json"]
+
+
+def test_generate_runs_the_books_own_model_with_the_books_arguments():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from book_model import from_gpt
+    finally:
+        sys.path.pop(0)
+    ours = lively_model(3)
+    book = from_gpt(ours).eval()
+    assert not hasattr(book, "cfg") and not hasattr(book, "hidden")
+    idx = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    # the book's call: generate(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id)
+    got = generate(book, idx, 6, ours.cfg["context_length"], 0.0, None, None)
+    want = generate(ours, idx, 6)
+    assert torch.equal(got, want) and len(set(want[:, 3:].flatten().tolist())) > 1
+    with pytest.raises(ValueError, match="context_size is needed"):
+        generate(book, idx, 4)
