@@ -149,9 +149,11 @@ class Engine:
                         joining.append(self.pending.popleft())
                 self.counts["cancelled"] += sum(r.cancelled.is_set() for r in joining)
                 joining = [r for r in joining if not r.cancelled.is_set()]
+                if not self.rows and not joining:  # only abandoned requests were waiting
+                    continue
                 try:
                     self.step(joining)
-                except Exception as e:  # a bug or an exhausted device: fail this batch, keep serving
+                except Exception as e:  # a bug, or the device out of memory: fail this batch only
                     traceback.print_exc()
                     message = " ".join(f"{e.__class__.__name__}: {e}".split())[:300]
                     for r in self.rows + joining:
@@ -182,7 +184,7 @@ class Engine:
             try:
                 token = int(sample_next(logits[i:i + 1], r.temperature, None, r.top_p,
                                         r.generator))
-            except RuntimeError as e:  # e.g. a temperature so small the odds overflow: this row only
+            except RuntimeError as e:  # e.g. odds that overflow to NaN: fail this row only
                 r.emit("error", 500, f"sampling failed: {' '.join(str(e).split())[:200]}")
                 self.counts["failed"] += 1
                 continue

@@ -5,7 +5,7 @@ import torch
 from batching import Engine, Request, merge_caches, trim_cache
 from generate import generate, last_logits, left_pad
 from gpt import KVCache
-from test_generate import EOS, SMALL, lively_model
+from test_generate import EOS, lively_model
 
 
 def token_bytes(token: int) -> bytes:

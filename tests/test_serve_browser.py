@@ -100,7 +100,8 @@ class DevTools:
     def click(self, selector: str) -> None:
         """A real left click in the middle of the element, as a user's mouse makes it."""
         x, y = self.js(f"(() => {{ const r = document.querySelector('{selector}')"
-                       ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2] })()")
+                       ".getBoundingClientRect();"
+                       " return [r.x + r.width / 2, r.y + r.height / 2] })()")
         for kind in ("mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
