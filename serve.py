@@ -119,6 +119,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def read_json(self, app: App) -> dict:
+        # JSON only: a web page elsewhere cannot send that type to 127.0.0.1 without a CORS
+        # preflight, which this server never grants (a plain-text POST could spend its compute)
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, "send the body as JSON, with 'Content-Type: application/json'")
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError(411, "chunked bodies are not supported; send a Content-Length")
         length = self.headers.get("Content-Length")

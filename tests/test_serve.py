@@ -192,6 +192,8 @@ BAD = [  # (method, path, body or raw bytes, extra headers, status, words in the
     ("POST", "/v1/completions", {"prompt": [[1, 2], [3]]}, {}, 400, "'prompt'"),
     ("POST", "/v1/completions", {"prompt": [99999999]}, {}, 400, "'prompt'"),
     ("POST", "/v1/chat/completions", b"x" * 5000, {}, 413, "over the limit of 4096"),
+    ("POST", "/v1/chat/completions", b'{"messages": []}', {"Content-Type": "text/plain"}, 415,
+     "application/json"),
     ("POST", "/v1/chat/completions", b"0\r\n\r\n", {"Transfer-Encoding": "chunked"}, 411,
      "send a Content-Length"),
     ("GET", "/v1/chat/completions", None, {}, 405, "takes POST"),
