@@ -3,6 +3,7 @@ becomes a batching.Request (`parse_request`, every field checked: `ApiError` 400
 `choice`, `usage`, `error_body` build the replies and streamed chunks. No HTTP and no model here.
 """
 import json
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a s
               list: "an array", dict: "an object"}
 
 
-def get(body: dict, name: str, types: tuple, default=None):
+def get(body: dict, name: str, types: tuple, default=None) -> Any:
     """body[name] checked against `types` (JSON null counts as absent); 400 naming the field."""
     value = body.get(name)
     if value is None:

@@ -17,6 +17,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, NoReturn
 
 from batching import Engine, Request
 from data import PROMPT_STYLES, cli_main, get_tokenizer
@@ -42,7 +43,7 @@ class App:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def not_json(constant: str):
+def not_json(constant: str) -> NoReturn:
     """NaN and Infinity are not JSON (Python reads them; they would poison sampling)."""
     raise ValueError(f"{constant} is not a JSON value")
 
@@ -110,7 +111,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unknown method) as JSON too."""
         self.send_json(code, error_body(code, message or self.responses.get(code, ("",))[0]))
 
@@ -147,7 +149,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def events(self, request: Request):
+    def events(self, request: Request) -> Iterator[tuple]:
         """The request's events as the engine makes them, until "done" or "error"."""
         while True:
             if not request.ready.acquire(timeout=0.2):
