@@ -80,7 +80,7 @@ def test_requests_joining_mid_generation_equal_generate():
     model = lively_model(5)
     engine = Engine(model, EOS, token_bytes, max_batch=4)
     prompts, lengths = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [42]], [20, 12, 9]
-    hook = slow_steps(model, 0.01)
+    hook = slow_steps(model, 0.03)  # A's last 16 steps take 0.5 s: time enough to join
     try:
         requests = [Request(p, n) for p, n in zip(prompts, lengths)]
         assert engine.submit(requests[0])
@@ -99,7 +99,7 @@ def test_requests_joining_mid_generation_equal_generate():
 def test_cancelled_request_leaves_and_the_other_is_unchanged():
     model = lively_model(6)
     engine = Engine(model, EOS, token_bytes)
-    hook = slow_steps(model, 0.005)
+    hook = slow_steps(model, 0.02)
     try:
         a, b = Request([3, 1, 4], 20), Request([1, 5], 20)
         engine.submit(a)
