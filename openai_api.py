@@ -37,9 +37,9 @@ def get(body: dict, name: str, types: tuple, default=None) -> Any:
 
 def message_text(message, i: int) -> tuple[str, str]:
     """(role, text) of messages[i]; content is a string or a list of {"type": "text"} parts."""
-    where = f"messages[{i}]"
-    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-        raise ApiError(400, f"{where} must be an object with role system, user or assistant", where)
+    where, roles = f"messages[{i}]", ("system", "developer", "user", "assistant")
+    if not isinstance(message, dict) or message.get("role") not in roles:
+        raise ApiError(400, f"{where} must be an object with role {', '.join(roles)}", where)
     content = message.get("content")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
@@ -59,7 +59,7 @@ def chat_prompt(body: dict, tokenizer, style: str) -> list[int]:
     users = [text for role, text in turns if role == "user"]
     if not users:
         raise ApiError(400, "'messages' holds no user message", "messages")
-    system = "\n".join(text for role, text in turns if role == "system")
+    system = "\n".join(text for role, text in turns if role in ("system", "developer"))
     head = tokenizer.encode(system + "\n\n") if system else []
     return head + encode_prompts([{"instruction": users[-1]}], tokenizer, style)[0]
 

@@ -12,13 +12,14 @@ def user(text: str) -> dict:
 def test_last_user_message_is_the_instruction_and_system_text_goes_in_front():
     tok = get_tokenizer()
     body = {"messages": [{"role": "system", "content": "Be brief."}, user("first"),
+                         {"role": "developer", "content": "Use English."},
                          {"role": "assistant", "content": "ok"},
                          {"role": "user", "content": [{"type": "text", "text": "Name a "},
                                                       {"type": "text", "text": "color."}]}]}
     request = parse_request(body, True, tok, 1024)
-    assert request.prompt == tok.encode("Be brief.\n\n") + \
+    assert request.prompt == tok.encode("Be brief.\nUse English.\n\n") + \
         encode_prompts([{"instruction": "Name a color."}], tok)[0]
-    assert tok.decode(request.prompt).startswith("Be brief.\n\nBelow is an instruction")
+    assert tok.decode(request.prompt).startswith("Be brief.\nUse English.\n\nBelow is an")
     phi3 = parse_request({"messages": [user("Hi")]}, True, tok, 1024, style="phi3")
     assert tok.decode(phi3.prompt) == "<|user|>\nHi\n<|assistant|>:\n"
 
