@@ -274,7 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-name", help="the model's id in the API (default: the file's name)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES,
                    help="default: the style the model was trained with (else alpaca)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: cuda, then mps, then cpu")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests generated together (8); more wait in the queue")
     p.add_argument("--max-queue", type=int, default=32,
