@@ -1,0 +1,321 @@
+"""Talk to a trained model: an OpenAI-compatible HTTP server and a chat page (chat.html at GET /).
+
+Entry points: `Handler` (routes, errors, streaming), `make_app` / `make_server`, and the command
+line `python serve.py out/model.pt`. Standard library HTTP only; openai_api.py reads and writes
+the JSON, batching.Engine generates. Not a production server: no TLS, one model, single turns.
+"""
+import argparse
+import hmac
+import http.server
+import ipaddress
+import json
+import select
+import socket
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NoReturn
+
+from batching import Engine, Request
+from data import PROMPT_STYLES, cli_main, get_tokenizer
+from generate import pick_device
+from gpt import load_model
+from openai_api import ApiError, choice, error_body, get, parse_request, usage
+
+PAGE = Path(__file__).with_name("chat.html")
+
+
+@dataclass
+class App:
+    """What the handlers share: the engine, the tokenizer and the server's settings."""
+    engine: Engine
+    tokenizer: object
+    context_length: int
+    model_name: str
+    style: str = "alpaca"
+    api_key: str | None = None
+    default_max_tokens: int = 256
+    max_body: int = 1 << 20
+    page: bytes = field(default_factory=lambda: PAGE.read_bytes())
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def not_json(constant: str) -> NoReturn:
+    """NaN and Infinity are not JSON (Python reads them; they would poison sampling)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+class ClientGone(Exception):
+    """The client closed its connection (or stopped reading for `Handler.timeout` seconds)."""
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One thread per connection: it parses, hands the request to the engine, and writes the
+    reply from the request's own event queue, so a slow reader only ever slows itself."""
+    protocol_version = "HTTP/1.1"
+    server_version = "gpt2-instruct"
+    timeout = 60  # seconds a read or write may stall before the connection is dropped
+    quiet = False
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    do_PUT = do_DELETE = do_PATCH = lambda self: self.route(self.command)  # noqa: E731
+
+    def route(self, method: str) -> None:
+        app, path = self.server.app, self.path.split("?")[0]
+        self.streaming = False
+        try:
+            if path not in ROUTES:
+                raise ApiError(404, f"no such path {path[:80]}; try /v1/chat/completions, "
+                                    "/v1/completions, /v1/models, /healthz or /")
+            allowed, action = ROUTES[path]
+            if method != allowed:
+                raise ApiError(405, f"{path} takes {allowed}, not {method}", None,
+                               {"Allow": allowed})
+            if path.startswith("/v1/") and app.api_key:
+                given = self.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(given, f"Bearer {app.api_key}".encode()):
+                    raise ApiError(401, "missing or wrong API key: send 'Authorization: "
+                                        "Bearer KEY'", None, {"WWW-Authenticate": "Bearer"})
+            action(self, app)
+        except ApiError as e:
+            self.send_json(e.status, error_body(e.status, e.message, e.param), e.headers)
+        except (ClientGone, ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as e:  # a bug: answer 500 if still possible, and keep serving
+            traceback.print_exc()
+            if not self.streaming:
+                self.send_json(500, error_body(500, f"internal error: {e.__class__.__name__}"))
+            self.close_connection = True
+
+    def send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+        self.send_bytes(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, headers=None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if status >= 400:  # the request's body may be unread: never parse it as the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unknown method) as JSON too."""
+        self.send_json(code, error_body(code, message or self.responses.get(code, ("",))[0]))
+
+    def log_message(self, format, *args):
+        if not self.quiet:
+            super().log_message(format, *args)
+
+    def read_json(self, app: App) -> dict:
+        # JSON only: a web page elsewhere cannot send that type to 127.0.0.1 without a CORS
+        # preflight, which this server never grants (a plain-text POST could spend its compute)
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(415, "send the body as JSON, with 'Content-Type: application/json'")
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "chunked bodies are not supported; send a Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ApiError(411, "a POST needs a Content-Length header")
+        if int(length) > app.max_body:
+            raise ApiError(413, f"body of {length} bytes is over the limit of {app.max_body}")
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw, parse_constant=not_json)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"body is not valid JSON ({str(e)[:80]})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
+
+    def client_gone(self) -> bool:
+        """True if the client closed the connection: readable, yet nothing to read."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def events(self, request: Request) -> Iterator[tuple]:
+        """The request's events as the engine makes them, until "done" or "error"."""
+        while True:
+            if not request.ready.acquire(timeout=0.2):
+                if self.client_gone():
+                    raise ClientGone()
+                continue
+            event = request.events.popleft()
+            yield event
+            if event[0] != "delta":
+                return
+
+    def completions(self, app: App, chat: bool) -> None:
+        body = self.read_json(app)
+        request = parse_request(body, chat, app.tokenizer, app.context_length, app.style,
+                                app.default_max_tokens, app.engine.device)
+        stream = get(body, "stream", (bool,), False)
+        with_usage = get(get(body, "stream_options", (dict,), {}), "include_usage", (bool,), False)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": app.model_name}
+        if not app.engine.submit(request):
+            raise ApiError(503, f"server busy: {app.engine.max_queue} requests already wait; "
+                                "retry later")
+        try:
+            if stream:
+                self.stream(request, head, chat, with_usage)
+            else:
+                self.answer(request, head, chat)
+        finally:
+            request.cancelled.set()  # a no-op once finished; frees the slot if we left early
+
+    def answer(self, request: Request, head: dict, chat: bool) -> None:
+        pieces = []
+        for event in self.events(request):
+            if event[0] == "delta":
+                pieces.append(event[1])
+            elif event[0] == "error":
+                raise ApiError(event[1], event[2])
+            else:
+                self.send_json(200, {**head, "choices": [choice(chat, "".join(pieces), event[1],
+                                                                False)],
+                                     "usage": usage(*event[2:])})
+
+    def stream(self, request: Request, head: dict, chat: bool, with_usage: bool) -> None:
+        """Server-sent events: `data: {chunk}` per piece of text, then `data: [DONE]`."""
+        self.send_response(200)
+        for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                            ("Connection", "close")):
+            self.send_header(name, value)
+        self.end_headers()
+        self.streaming, self.close_connection = True, True
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def send(obj) -> None:
+            self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+                             .encode())
+        if chat:  # the role comes first, as OpenAI's streams do
+            send({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None}]})
+        for event in self.events(request):
+            if event[0] == "delta":
+                send({**head, "choices": [choice(chat, event[1], None, True)]})
+            elif event[0] == "error":
+                send(error_body(event[1], event[2]))
+            else:
+                send({**head, "choices": [choice(chat, None, event[1], True)]})
+                if with_usage:
+                    send({**head, "choices": [], "usage": usage(*event[2:])})
+                send("[DONE]")
+
+
+ROUTES = {
+    "/": ("GET", lambda h, app: h.send_bytes(200, app.page, "text/html; charset=utf-8")),
+    "/healthz": ("GET", lambda h, app: h.send_json(200, {"status": "ok", "model": app.model_name,
+                                                         **app.engine.stats()})),
+    "/v1/models": ("GET", lambda h, app: h.send_json(200, {"object": "list", "data": [
+        {"id": app.model_name, "object": "model", "created": app.created,
+         "owned_by": "gpt2-instruct", "max_model_len": app.context_length}]})),
+    "/v1/chat/completions": ("POST", lambda h, app: h.completions(app, chat=True)),
+    "/v1/completions": ("POST", lambda h, app: h.completions(app, chat=False)),
+}
+
+
+# ---- putting it together ------------------------------------------------------------------------
+def make_app(model, cfg: dict, model_name: str, max_batch: int = 8, max_queue: int = 32,
+             **settings) -> App:
+    """An App around `model` (its Engine thread starts now); settings: App's fields."""
+    tokenizer = get_tokenizer()
+    engine = Engine(model, tokenizer.eot_token, tokenizer.decode_single_token_bytes, max_batch,
+                    max_queue)
+    return App(engine, tokenizer, cfg["context_length"], model_name, **settings)
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 8000,
+                quiet: bool = False) -> http.server.ThreadingHTTPServer:
+    """A bound server (port 0: a free one); call its serve_forever() to answer."""
+    handler = type("QuietHandler" if quiet else "Handler", (Handler,), {"quiet": quiet})
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server.daemon_threads = True  # a stuck client never blocks shutdown
+    server.app = app
+    return server
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may well be reachable
+        return False
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Serve a trained model: an OpenAI-compatible API "
+                                "under /v1 and a chat page at /.")
+    p.add_argument("model_path", metavar="MODEL", help="model.pt written by train.py")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--model-name", help="the model's id in the API (default: the file's name)")
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                   help="default: the style the model was trained with (else alpaca)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: cuda, then mps, then cpu")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests generated together (8); more wait in the queue")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait (32); past that the server answers 503")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="answer length when a request does not set max_tokens (256)")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="largest request body in bytes (1 MiB); larger ones get 413")
+    p.add_argument("--quiet", action="store_true", help="no log line per request")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    for name in ("max_batch", "max_queue", "max_tokens", "max_body"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+    model, cfg = load_model(args.model_path, device=pick_device(args.device))
+    name = args.model_name or Path(args.model_path).stem
+    app = make_app(model, cfg, name, args.max_batch, args.max_queue,
+                   style=args.prompt_style or cfg.get("prompt_style", "alpaca"),
+                   api_key=args.api_key, default_max_tokens=args.max_tokens,
+                   max_body=args.max_body)
+    server = make_server(app, args.host, args.port, args.quiet)
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"warning: listening on {args.host} with no authentication: anyone who can reach "
+              "this port can use the model (add --api-key KEY)", file=sys.stderr, flush=True)
+    host, port = server.server_address[:2]
+    print(f"serving {name} on http://{host}:{port}/ (chat page), API at "
+          f"http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    cli_main(main, debug="--debug" in sys.argv)
