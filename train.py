@@ -140,9 +140,11 @@ class RunState:
 
 
 def save_checkpoint(path, model, optimizer, state: RunState, best_weights, cfg) -> None:
+    """Everything --resume needs; the best weights only when they are not the current ones."""
+    same = state.best_step == state.step and bool(state.history)  # common: it just improved
     ckpt = {"format": "gpt2-instruct-checkpoint", "config": cfg, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "state": asdict(state),
-            "best_weights": best_weights, "torch_rng": torch.get_rng_state()}
+            "best_weights": None if same else best_weights, "torch_rng": torch.get_rng_state()}
     atomic_save(ckpt, path)  # streamed to a temporary file: no second copy in memory
 
 
@@ -159,7 +161,8 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
         load_state(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        return RunState(**ckpt["state"]), ckpt["best_weights"]
+        best = ckpt["best_weights"]
+        return RunState(**ckpt["state"]), copy_weights(model) if best is None else best
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: damaged training checkpoint ({type(e).__name__}: {e})") from None
 
@@ -187,6 +190,25 @@ class StopRequested:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
+
+
+def parse_every(text: str) -> tuple[float, str]:
+    """`--save-every`: "200" (steps) or "10m" (minutes); 0 never."""
+    minutes = text.endswith("m")
+    try:
+        value = float(text[:-1]) if minutes else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N (steps) or Nm (minutes)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value, "minutes" if minutes else "steps"
+
+
+def save_due(every: tuple[float, str], step: int, seconds_since_save: float) -> bool:
+    value, unit = every
+    if not value:
+        return False
+    return seconds_since_save >= 60 * value if unit == "minutes" else step % value == 0
 
 
 def format_duration(seconds: float) -> str:
@@ -217,6 +239,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
         total_steps = min(total_steps, args.max_steps)
     model.train()
     start, start_step = time.perf_counter(), state.step
+    last_save = start
     start_tokens = state.tokens_seen
 
     def evaluate():
@@ -257,8 +280,9 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
                 state.tokens_seen += n_targets
                 if state.step % args.eval_every == 0 and evaluate():
                     best = copy_weights(model)
-                if args.save_every and state.step % args.save_every == 0:
+                if save_due(args.save_every, state.step, time.perf_counter() - last_save):
                     on_save(state, best)
+                    last_save = time.perf_counter()
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
                 if args.patience and state.evals_since_best >= args.patience:
@@ -443,8 +467,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to train (auto: cuda, then mps, then cpu)")
     p.add_argument("--seed", type=int, default=123, help="seed for initialisation and shuffling (123)")
     p.add_argument("--out-dir", default="out", help="where outputs and checkpoints go (out)")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="also write a checkpoint every N steps (0: only at epoch ends and Ctrl-C)")
+    p.add_argument("--save-every", type=parse_every, default=(0, "steps"), metavar="N|Nm",
+                   help="also write a checkpoint every N steps or N minutes (0: only at epoch "
+                        "ends and Ctrl-C)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="no checkpoint at epoch ends (each is the size of the model and AdamW's "
+                        "state: 2.1 GB for gpt2-small); Ctrl-C still writes one")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit for the test set (256)")
@@ -496,7 +524,8 @@ def main(argv=None) -> None:
         log(f"epoch {state.epoch} sample: "
             f"{sample_response(model, val_data[0], tokenizer, args.prompt_style)!r}")
         model.train()
-        save(state, best)
+        if not args.no_checkpoint:
+            save(state, best)
 
     start = time.perf_counter()
     try:

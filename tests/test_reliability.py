@@ -80,7 +80,7 @@ def test_entry_longer_than_max_length_is_kept_counted_and_cut():
     entries, max_length, ids = data_with_one_long_entry(30)
     logs = []
     (train_loader, _), (train_data, _, _) = train.prepare_loaders(
-        loader_args(max_length), entries, get_tokenizer(), "cpu", logs.append)
+        loader_args(max_length), entries, get_tokenizer(), torch.device("cpu"), logs.append)
     assert entries[0] in train_data
     assert any(f"1 training entries are longer than --max-length {max_length}" in line
                for line in logs)
@@ -93,7 +93,7 @@ def test_entry_one_token_too_long_is_counted_too():
     entries, max_length, ids = data_with_one_long_entry(1)
     logs = []
     (train_loader, _), _ = train.prepare_loaders(loader_args(max_length), entries,
-                                                 get_tokenizer(), "cpu", logs.append)
+                                                 get_tokenizer(), torch.device("cpu"), logs.append)
     (targets,) = [t[0].tolist() for inputs, t in train_loader if inputs[0].tolist() == ids[:-1]]
     assert 50256 not in targets  # the stop signal was cut off ...
     assert any("1 training entries are longer" in line for line in logs)  # ... so say so
@@ -428,7 +428,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     def save(state, best):
         train.save_checkpoint(path, model, opt, state, best, cfg)
         saved.append(state.step)
-    args = SimpleNamespace(epochs=1, max_steps=0, eval_every=2, eval_batches=1, save_every=1,
+    args = SimpleNamespace(epochs=1, max_steps=0, eval_every=2, eval_batches=1, save_every=(1, "steps"),
                            patience=0, full_head=False)
     with pytest.raises(ValueError, match="loss became nan at step 4"):
         train.train_model(model, opt, loader, val_loader, torch.device("cpu"), args,

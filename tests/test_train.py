@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import signal
@@ -84,6 +85,32 @@ def test_a_batch_without_targets_gives_zero_loss_not_nan():
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_save_every_takes_steps_or_minutes():
+    assert train.parse_every("200") == (200, "steps")
+    assert train.parse_every("1.5m") == (1.5, "minutes")
+    with pytest.raises(argparse.ArgumentTypeError):
+        train.parse_every("ten")
+    assert train.save_due((200, "steps"), 400, 0.0) and not train.save_due((200, "steps"), 401, 1e9)
+    assert train.save_due((1.5, "minutes"), 7, 90.0)
+    assert not train.save_due((1.5, "minutes"), 7, 89.0)
+    assert not train.save_due((0, "steps"), 0, 1e9)
+
+
+def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
+    best = {k: v + 1 for k, v in train.copy_weights(model).items()}
+    for best_step, stored in ((3, False), (2, True)):
+        state = train.RunState(step=3, best_step=best_step, history=[{"step": 3}])
+        train.save_checkpoint(tmp_path / "c.pt", model, opt, state, best, SMALL)
+        kept = torch.load(tmp_path / "c.pt", weights_only=True)["best_weights"]
+        assert (kept is not None) == stored
+        _, loaded = train.load_checkpoint(tmp_path / "c.pt", GPTModel(SMALL), opt, SMALL)
+        want = best if stored else model.state_dict()
+        assert all(torch.equal(loaded[k], want[k]) for k in want)
 
 
 def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
