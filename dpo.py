@@ -11,6 +11,7 @@ import hashlib
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -138,13 +139,36 @@ def compute_dpo_loss(model_chosen_logprobs, model_rejected_logprobs, reference_c
     return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
 
 
-def batch_logprobs(batch: dict, policy_model, reference_model):
+def response_logprobs(model, ids, mask) -> torch.Tensor:
+    """`compute_logprobs(model(ids), ids, mask)`, with the output head run only where a response
+    token is predicted: prompt and padding positions never pay for the 50257-wide logits."""
+    keep = mask[:, 1:]
+    hidden = model.hidden(ids)[:, :-1][keep]  # (N, emb_dim), N response tokens in the batch
+    log_probs = F.log_softmax(model.out_head(hidden).float(), dim=-1)
+    selected = log_probs.gather(-1, ids[:, 1:][keep].unsqueeze(-1)).squeeze(-1)  # (N,)
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, selected)
+    return sums / keep.sum(-1).clamp(min=1)
+
+
+class FrozenReference:
+    """The reference model: a frozen copy, or the policy itself with its LoRA adapters off."""
+
+    def __init__(self, model, lora_module=None):
+        self.lora = lora_module
+        self.model = model if lora_module else copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def logprobs(self, ids, mask) -> torch.Tensor:
+        with self.lora.adapters_disabled(self.model) if self.lora else nullcontext():
+            return response_logprobs(self.model, ids, mask)
+
+
+def batch_logprobs(batch: dict, policy_model, reference_model: FrozenReference):
     """Policy (with gradients) and reference (without) log-probabilities of both responses."""
-    policy = [compute_logprobs(policy_model(batch[k]), batch[k], batch[f"{k}_mask"])
-              for k in ("chosen", "rejected")]
-    with torch.no_grad():
-        reference = [compute_logprobs(reference_model(batch[k]), batch[k], batch[f"{k}_mask"])
-                     for k in ("chosen", "rejected")]
+    keys = ("chosen", "rejected")
+    policy = [response_logprobs(policy_model, batch[k], batch[f"{k}_mask"]) for k in keys]
+    reference = [reference_model.logprobs(batch[k], batch[f"{k}_mask"]) for k in keys]
     return policy, reference
 
 
@@ -176,19 +200,6 @@ def evaluate_dpo(loader, policy_model, reference_model, beta, num_batches, autoc
     out["accuracy"] = correct / pairs if pairs else math.nan
     return out
 
-
-class FrozenReference:
-    """The reference model: a frozen copy, or the policy itself with its LoRA adapters off."""
-
-    def __init__(self, model, lora_module=None):
-        self.lora = lora_module
-        self.model = model if lora_module else copy.deepcopy(model).requires_grad_(False).eval()
-
-    def __call__(self, idx):
-        if self.lora is None:
-            return self.model(idx)
-        with self.lora.adapters_disabled(self.model):
-            return self.model(idx)
 
 
 # ---- training ------------------------------------------------------------------------------

@@ -91,8 +91,20 @@ def test_lora_reference_is_the_base_model_without_a_copy():
                 p.normal_()
     reference = dpo.FrozenReference(model, lora)
     assert reference.model is model
-    assert torch.equal(reference(idx), base_logits)
-    assert not torch.allclose(model(idx), base_logits)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    torch.testing.assert_close(reference.logprobs(idx, mask),
+                               dpo.compute_logprobs(base_logits, idx, mask))
+    assert not torch.allclose(model(idx), base_logits)  # the adapters are on again
+
+
+def test_response_logprobs_equal_the_books_full_logits_way():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    batch = fixed_batch()
+    for key in ("chosen", "rejected"):
+        ids, mask = batch[key], batch[f"{key}_mask"]
+        torch.testing.assert_close(dpo.response_logprobs(model, ids, mask),
+                                   dpo.compute_logprobs(model(ids), ids, mask))
 
 
 @pytest.mark.parametrize("change,problem", [
@@ -173,3 +185,16 @@ def test_bad_preference_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
         f"error: {tmp_path / 'prefs.json'}: entry 2 has the same text as 'chosen' and 'rejected' "
         f"(nothing to prefer)"]
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_make_preferences_regenerates_the_committed_file_byte_for_byte(tmp_path):
+    script = ROOT / "data" / "make_preferences.py"
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    committed = ROOT / "data" / "preference-data.json"
+    assert (tmp_path / "p.json").read_bytes() == committed.read_bytes()
+    pairs = json.loads(committed.read_text())
+    source = json.loads((ROOT / "data" / "instruction-data.json").read_text())
+    assert [p["instruction"] for p in pairs] == [e["instruction"] for e in source]  # same split
+    assert all(p["chosen"] == p["output"] and not dpo.preference_problem(p) for p in pairs)
