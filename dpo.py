@@ -180,9 +180,12 @@ def compute_dpo_loss_batch(batch: dict, policy_model, reference_model, beta: flo
 
 @torch.no_grad()
 def evaluate_dpo(loader, policy_model, reference_model, beta, num_batches, autocast) -> dict:
-    """Loss, rewards, margin and preference accuracy (the policy gives the chosen response a
-    higher mean log-probability than the rejected one) over the first `num_batches` batches."""
+    """Loss, rewards and margin over the first `num_batches` batches, and two accuracies: the
+    share of pairs whose chosen reward beats the rejected one (`reward_accuracy`: the policy
+    moved towards the chosen response more than the reference; 0 at the start, all ties), and
+    the share whose chosen response has the higher mean log-probability (`accuracy`)."""
     totals, pairs, correct = dict(loss=0.0, chosen_reward=0.0, rejected_reward=0.0), 0, 0
+    reward_correct = 0
     was_training = policy_model.training
     policy_model.eval()
     for i, batch in enumerate(loader):
@@ -194,10 +197,12 @@ def evaluate_dpo(loader, policy_model, reference_model, beta, num_batches, autoc
         for key, value in zip(totals, (loss, chosen, rejected)):
             totals[key] += value.item() * len(pi_c)
         pairs, correct = pairs + len(pi_c), correct + int((pi_c > pi_r).sum())
+        reward_correct += int((pi_c - ref_c > pi_r - ref_r).sum())
     policy_model.train(was_training)
     out = {k: v / pairs for k, v in totals.items()} if pairs else dict.fromkeys(totals, math.nan)
     out["margin"] = out["chosen_reward"] - out["rejected_reward"]
     out["accuracy"] = correct / pairs if pairs else math.nan
+    out["reward_accuracy"] = reward_correct / pairs if pairs else math.nan
     return out
 
 
@@ -232,7 +237,8 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
         log(f"ep {min(state.epoch + 1, args.epochs)} step {state.step:4d}/{total_steps} | loss "
             f"train {train_m['loss']:.3f} val {val_m['loss']:.3f}{' *' if improved else ''} | val "
             f"reward chosen {val_m['chosen_reward']:+.3f} rejected {val_m['rejected_reward']:+.3f} "
-            f"margin {val_m['margin']:+.3f} | val accuracy {val_m['accuracy']:.0%} | "
+            f"margin {val_m['margin']:+.3f} | val accuracy reward {val_m['reward_accuracy']:.0%} "
+            f"log-prob {val_m['accuracy']:.0%} | "
             f"ETA {format_duration(eta)}")
         return improved
 

@@ -13,6 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from make_dataset import render  # the same JSON layout as the instruction data
+
 SEED = 123
 SOURCE = Path(__file__).with_name("instruction-data.json")
 OUT = Path(__file__).with_name("preference-data.json")
@@ -62,10 +64,6 @@ def build_entries(source: list[dict], seed: int = SEED) -> list[dict]:
                         "output": entry["output"], "chosen": entry["output"],
                         "rejected": rejected})
     return entries
-
-
-def render(entries: list[dict]) -> str:
-    return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

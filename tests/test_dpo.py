@@ -1,4 +1,5 @@
 import json
+from contextlib import nullcontext
 import math
 import subprocess
 import sys
@@ -198,3 +199,18 @@ def test_make_preferences_regenerates_the_committed_file_byte_for_byte(tmp_path)
     source = json.loads((ROOT / "data" / "instruction-data.json").read_text())
     assert [p["instruction"] for p in pairs] == [e["instruction"] for e in source]  # same split
     assert all(p["chosen"] == p["output"] and not dpo.preference_problem(p) for p in pairs)
+
+
+def test_evaluation_at_the_start_gives_ln2_zero_rewards_and_no_reward_wins():
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    batch = fixed_batch()
+    with torch.no_grad():
+        pi_c = dpo.response_logprobs(model, batch["chosen"], batch["chosen_mask"])
+        pi_r = dpo.response_logprobs(model, batch["rejected"], batch["rejected_mask"])
+    out = dpo.evaluate_dpo([batch], model, dpo.FrozenReference(model), 0.1, 0,
+                           nullcontext)
+    # policy == reference: every pair's loss is ln 2, rewards 0, each reward comparison a tie
+    assert out["loss"] == pytest.approx(math.log(2)) and out["margin"] == 0.0
+    assert out["reward_accuracy"] == 0.0
+    assert out["accuracy"] == (pi_c > pi_r).float().mean().item()
