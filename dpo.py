@@ -386,6 +386,7 @@ def main(argv=None) -> None:
         n = lora.add_lora(model, args.lora_rank, args.lora_alpha, targets)
         log(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha} on {', '.join(targets)}: "
             f"{n:,} trainable parameters; the reference is the base without them")
+        model.to(device)  # the new adapters were made on the CPU
     reference = FrozenReference(model, lora)
     style, tokenizer = cfg.get("prompt_style", "alpaca"), get_tokenizer()
     train_data, val_data, test_data = split_data(data)

@@ -1,8 +1,8 @@
 import json
-from contextlib import nullcontext
 import math
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
