@@ -242,11 +242,11 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
             f"ETA {format_duration(eta)}")
         return improved
 
-    if not state.history:
-        evaluate()
     reason = None
-    policy.train()
-    with StopRequested() as stop:
+    with StopRequested() as stop:  # from the start: a Ctrl-C during the first evaluation counts
+        if not state.history:
+            evaluate()
+        policy.train()
         while state.epoch < args.epochs and reason is None:
             train_loader.batch_sampler.set_epoch(state.epoch)
             for i, batch in enumerate(train_loader):

@@ -1,5 +1,6 @@
 import json
 import math
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -214,3 +215,24 @@ def test_evaluation_at_the_start_gives_ln2_zero_rewards_and_no_reward_wins():
     assert out["loss"] == pytest.approx(math.log(2)) and out["margin"] == 0.0
     assert out["reward_accuracy"] == 0.0
     assert out["accuracy"] == (pi_c > pi_r).float().mean().item()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    write_inputs(tmp_path)
+    cmd = [sys.executable, str(ROOT / "dpo.py"), "--model-path", str(tmp_path / "model.pt"),
+           "--data", str(tmp_path / "prefs.json"), "--out-dir", str(tmp_path / "out"),
+           "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1", "--max-steps", "4",
+           "--no-generate"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    for line in proc.stdout:  # interrupt once the first evaluation is printed
+        if line.startswith("ep 1 step    0/4"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "continue with --resume" in err
+    assert (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "model.pt").exists()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "reached --max-steps 4" in resumed.stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 4
