@@ -313,9 +313,9 @@ def load_dpo_checkpoint(path, model, optimizer, source: dict) -> tuple[RunState,
     ckpt = read_checkpoint(path)
     if not (isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT):
         raise ValueError(f"{path}: not a DPO checkpoint of this project")
-    if ckpt.get("source") != source:
-        raise ValueError(f"{path}: written for another start ({ckpt.get('source')}); this run "
-                         f"is {source}")
+    saved = ckpt.get("source") if isinstance(ckpt.get("source"), dict) else {}
+    if any(saved.get(k) != source[k] for k in ("sha256", "lora")):  # the path may be spelt anew
+        raise ValueError(f"{path}: written for another start ({saved}); this run is {source}")
     try:
         best = dict(copy_weights(model), **ckpt["best"])
         model.load_state_dict(dict(copy_weights(model), **ckpt["policy"]))
