@@ -98,8 +98,9 @@ def train_step(model, optimizer, input_batch, target_batch, device, autocast=nul
         loss = loss_fn(input_batch, target_batch, model, device)
     if not torch.isfinite(loss):
         return loss.item(), n_targets
-    loss.backward()
-    optimizer.step()
+    if n_targets:  # an all-masked batch (masking, a short --max-length) carries no signal
+        loss.backward()
+        optimizer.step()
     return loss.item(), n_targets
 
 
@@ -168,7 +169,9 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
 
 
 def copy_weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # frozen weights (a LoRA run's base) never change: shared, not copied
+    return {k: v.detach().clone() if v.requires_grad else v.detach()
+            for k, v in model.state_dict(keep_vars=True).items()}
 
 
 # ---- the training loop ---------------------------------------------------------------------
@@ -483,6 +486,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
                    help=f"pad each batch's length to a multiple of N ({PAD_MULTIPLE}; 1: the book's "
                         f"longest-entry padding)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank instead of every weight (0: full "
+                        "fine-tuning); model.pt gets them merged in (see lora.py)")
+    p.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA scale: the update is alpha * x @ A @ B, as the book (16)")
+    p.add_argument("--lora-targets", nargs="+", metavar="LAYER",
+                   help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the loss (model and head) with BACKEND (inductor)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -498,6 +508,11 @@ def main(argv=None) -> None:
     data = load_data(args.data)
     tokenizer = get_tokenizer()
     model, cfg = build_model(args, log)
+    ckpt_path = out_dir / "checkpoint.pt"
+    lora_run = None
+    if args.lora_rank:  # an extra: imported only for a LoRA run
+        import lora
+        lora_run = lora.LoRARun(model, args, ckpt_path, log)
     model.to(device)
     bf16 = use_bf16(args.precision, device)
     autocast = make_autocast(device, bf16)
@@ -505,9 +520,9 @@ def main(argv=None) -> None:
                                                                            device, log)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     state, best = RunState(), None
-    ckpt_path = out_dir / "checkpoint.pt"
     if args.resume:
-        state, best = load_checkpoint(ckpt_path, model, optimizer, cfg)
+        load = lora_run.load_checkpoint if lora_run else load_checkpoint
+        state, best = load(ckpt_path, model, optimizer, cfg)
         log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
     log(f"settings: model {args.model}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
         f"weight decay {args.weight_decay}, eval every {args.eval_every} steps over "
@@ -518,7 +533,8 @@ def main(argv=None) -> None:
         loss_fn = torch.compile(loss_fn, backend=args.compile)
 
     def save(state, best):
-        save_checkpoint(ckpt_path, model, optimizer, state, best, cfg)
+        write = lora_run.save_checkpoint if lora_run else save_checkpoint
+        write(ckpt_path, model, optimizer, state, best, cfg)
 
     def epoch_end(state, best):
         log(f"epoch {state.epoch} sample: "
@@ -541,6 +557,8 @@ def main(argv=None) -> None:
     model.load_state_dict(best)
     log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
         f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
+    if lora_run:  # a plain model: generate.py, evaluate.py and export load it as any other
+        model = lora.merge_lora(model)
     save_model(model, cfg, out_dir / "model.pt")
 
     generate_seconds = 0.0

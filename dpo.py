@@ -1,0 +1,442 @@
+"""Preference tuning with DPO (Direct Preference Optimization), the book's chapter-7 bonus.
+
+Starts from a model written by train.py and a preference file of {instruction, input, chosen,
+rejected} entries; trains the policy to prefer `chosen` over `rejected` more than a frozen
+reference does (the starting model; with --lora-rank, the same model with its adapters off).
+Book names: `compute_logprobs`, `compute_dpo_loss`, `compute_dpo_loss_batch`. Outputs as train.py.
+"""
+import argparse
+import copy
+import hashlib
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from collate import LengthGroupedBatchSampler
+from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json
+from generate import generate_responses, pick_device
+from gpt import atomic_save, load_model, read_checkpoint, save_model
+from train import (Interrupted, RunState, StopRequested, check_out_dir, copy_weights,
+                   format_duration, make_autocast, make_optimizer, plot_losses, use_bf16)
+
+DEFAULT_DATA = str(Path(__file__).parent / "data" / "preference-data.json")
+BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium
+TINY_DEFAULTS = dict(lr=1e-4, eval_every=20)  # the from-scratch demo model moves less easily
+
+
+# ---- preference data -----------------------------------------------------------------------
+def preference_problem(entry: dict) -> str | None:
+    """Why a (valid instruction) entry is not a usable preference pair, or None."""
+    for key in ("chosen", "rejected"):
+        if key not in entry:
+            return f"has no {key!r} field"
+        if not isinstance(entry[key], str):
+            return f"field {key!r} is a {type(entry[key]).__name__}, not a string"
+        if not entry[key].strip():
+            return f"field {key!r} is empty or only whitespace"
+    if entry["chosen"].strip() == entry["rejected"].strip():
+        return "has the same text as 'chosen' and 'rejected' (nothing to prefer)"
+    return None
+
+
+def load_preferences(source: str) -> list[dict]:
+    """Checked preference entries; a ValueError names the file and the first bad entry."""
+    entries = load_data(source, require_output=False)  # instruction and input checked there
+    for i, entry in enumerate(entries):
+        if problem := preference_problem(entry):
+            raise ValueError(f"{source}: entry {i} {problem}")
+    return entries
+
+
+class PreferenceDataset:
+    """Each pair tokenized once: prompt + response header + chosen (or rejected) response."""
+
+    def __init__(self, data: list[dict], tokenizer, style: str = "alpaca"):
+        self.chosen = InstructionDataset([dict(e, output=e["chosen"]) for e in data], tokenizer, style)
+        self.rejected = InstructionDataset([dict(e, output=e["rejected"]) for e in data],
+                                           tokenizer, style)
+        self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
+
+    def __getitem__(self, index: int):
+        return (self.chosen.item_with_prompt_length(index),
+                self.rejected.item_with_prompt_length(index))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def pad_with_mask(items, pad_token_id: int, allowed_max_length: int | None):
+    """(ids, prompt_len) items -> padded (B, T) ids and a mask that is True on response tokens.
+
+    Each response ends with one <|endoftext|> (its end is part of what is preferred).
+    """
+    rows = [(list(ids) + [pad_token_id], prompt_len) for ids, prompt_len in items]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, prompt_len) in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, prompt_len:len(row)] = True
+    return ids[:, :allowed_max_length], mask[:, :allowed_max_length]
+
+
+def collate_pairs(batch, pad_token_id: int = 50256, allowed_max_length: int | None = None,
+                  device="cpu") -> dict:
+    """The book's DPO batch: {"chosen", "chosen_mask", "rejected", "rejected_mask"}."""
+    out = {}
+    for key, items in (("chosen", [c for c, _ in batch]), ("rejected", [r for _, r in batch])):
+        ids, mask = pad_with_mask(items, pad_token_id, allowed_max_length)
+        out[key], out[f"{key}_mask"] = ids.to(device), mask.to(device)
+    return out
+
+
+def make_pair_loader(data, tokenizer, style, batch_size, shuffle, seed, max_length, device):
+    dataset = PreferenceDataset(data, tokenizer, style)
+    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=shuffle,
+                                        drop_last=shuffle, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0,
+                      collate_fn=partial(collate_pairs, allowed_max_length=max_length,
+                                         device=device))
+
+
+# ---- the DPO loss --------------------------------------------------------------------------
+def compute_logprobs(logits, labels, selection_mask=None) -> torch.Tensor:
+    """Mean log-probability of each row's selected tokens (B,), as the book.
+
+    logits (B, T, V) predict labels (B, T) shifted by one; selection_mask (B, T) marks the
+    response tokens (prompt and padding excluded). Without a mask: every token.
+    """
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1, :]
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    selected = torch.gather(log_probs, -1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    if selection_mask is None:
+        return selected.mean(-1)
+    mask = selection_mask[:, 1:].to(selected.dtype)
+    return (selected * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def compute_dpo_loss(model_chosen_logprobs, model_rejected_logprobs, reference_chosen_logprobs,
+                     reference_rejected_logprobs, beta: float = 0.1):
+    """The book's DPO loss, -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))), batch-mean.
+
+    Returns (loss, chosen reward, rejected reward); a reward is beta * (policy - reference)
+    log-probability, as in the DPO paper (the book logs it without beta), for logging only.
+    """
+    model_logratios = model_chosen_logprobs - model_rejected_logprobs
+    reference_logratios = reference_chosen_logprobs - reference_rejected_logprobs
+    losses = -F.logsigmoid(beta * (model_logratios - reference_logratios))
+    chosen_rewards = (beta * (model_chosen_logprobs - reference_chosen_logprobs)).detach()
+    rejected_rewards = (beta * (model_rejected_logprobs - reference_rejected_logprobs)).detach()
+    return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
+
+
+def response_logprobs(model, ids, mask) -> torch.Tensor:
+    """`compute_logprobs(model(ids), ids, mask)`, with the output head run only where a response
+    token is predicted: prompt and padding positions never pay for the 50257-wide logits."""
+    keep = mask[:, 1:]
+    hidden = model.hidden(ids)[:, :-1][keep]  # (N, emb_dim), N response tokens in the batch
+    log_probs = F.log_softmax(model.out_head(hidden).float(), dim=-1)
+    selected = log_probs.gather(-1, ids[:, 1:][keep].unsqueeze(-1)).squeeze(-1)  # (N,)
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, selected)
+    return sums / keep.sum(-1).clamp(min=1)
+
+
+class FrozenReference:
+    """The reference model: a frozen copy, or the policy itself with its LoRA adapters off."""
+
+    def __init__(self, model, lora_module=None):
+        self.lora = lora_module
+        self.model = model if lora_module else copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def logprobs(self, ids, mask) -> torch.Tensor:
+        with self.lora.adapters_disabled(self.model) if self.lora else nullcontext():
+            return response_logprobs(self.model, ids, mask)
+
+
+def batch_logprobs(batch: dict, policy_model, reference_model: FrozenReference):
+    """Policy (with gradients) and reference (without) log-probabilities of both responses."""
+    keys = ("chosen", "rejected")
+    policy = [response_logprobs(policy_model, batch[k], batch[f"{k}_mask"]) for k in keys]
+    reference = [reference_model.logprobs(batch[k], batch[f"{k}_mask"]) for k in keys]
+    return policy, reference
+
+
+def compute_dpo_loss_batch(batch: dict, policy_model, reference_model, beta: float):
+    """The book's per-batch step: four forward passes, then `compute_dpo_loss`."""
+    policy, reference = batch_logprobs(batch, policy_model, reference_model)
+    return compute_dpo_loss(*policy, *reference, beta=beta)
+
+
+@torch.no_grad()
+def evaluate_dpo(loader, policy_model, reference_model, beta, num_batches, autocast) -> dict:
+    """Loss, rewards and margin over the first `num_batches` batches, and two accuracies: the
+    share of pairs whose chosen reward beats the rejected one (`reward_accuracy`: the policy
+    moved towards the chosen response more than the reference; 0 at the start, all ties), and
+    the share whose chosen response has the higher mean log-probability (`accuracy`)."""
+    totals, pairs, correct = dict(loss=0.0, chosen_reward=0.0, rejected_reward=0.0), 0, 0
+    reward_correct = 0
+    was_training = policy_model.training
+    policy_model.eval()
+    for i, batch in enumerate(loader):
+        if num_batches and i >= num_batches:
+            break
+        with autocast():
+            (pi_c, pi_r), (ref_c, ref_r) = batch_logprobs(batch, policy_model, reference_model)
+        loss, chosen, rejected = compute_dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+        for key, value in zip(totals, (loss, chosen, rejected)):
+            totals[key] += value.item() * len(pi_c)
+        pairs, correct = pairs + len(pi_c), correct + int((pi_c > pi_r).sum())
+        reward_correct += int((pi_c - ref_c > pi_r - ref_r).sum())
+    policy_model.train(was_training)
+    out = {k: v / pairs for k, v in totals.items()} if pairs else dict.fromkeys(totals, math.nan)
+    out["margin"] = out["chosen_reward"] - out["rejected_reward"]
+    out["accuracy"] = correct / pairs if pairs else math.nan
+    out["reward_accuracy"] = reward_correct / pairs if pairs else math.nan
+    return out
+
+
+
+# ---- training ------------------------------------------------------------------------------
+def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, state: RunState,
+              best: dict, autocast, on_save, log=print) -> tuple[str, dict]:
+    """The book's DPO loop with train.py's habits: evaluation every `args.eval_every` steps (and
+    before the first and after the last), the best validation loss's weights kept, `on_save` every
+    `args.save_every` steps and after each epoch, Ctrl-C between steps raises `Interrupted`."""
+    steps_per_epoch = len(train_loader)
+    if not steps_per_epoch:
+        raise ValueError(f"the training split has fewer pairs than --batch-size {args.batch_size}")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    start, start_step = time.perf_counter(), state.step
+
+    def evaluate() -> bool:
+        metrics = [evaluate_dpo(loader, policy, reference, args.beta, args.eval_batches, autocast)
+                   for loader in (train_loader, val_loader)]
+        (train_m, val_m), done = metrics, state.step - start_step
+        state.history.append({"step": state.step, "epoch": state.step / steps_per_epoch,
+                              "tokens": state.tokens_seen, "train_loss": train_m["loss"],
+                              "val_loss": val_m["loss"], "train_margin": train_m["margin"],
+                              **{f"val_{k}": v for k, v in val_m.items() if k != "loss"}})
+        improved = val_m["loss"] < state.best_val
+        if improved:
+            state.best_val, state.best_step, state.evals_since_best = val_m["loss"], state.step, 0
+        else:
+            state.evals_since_best += 1
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total_steps - state.step) if done else 0.0
+        log(f"ep {min(state.epoch + 1, args.epochs)} step {state.step:4d}/{total_steps} | loss "
+            f"train {train_m['loss']:.3f} val {val_m['loss']:.3f}{' *' if improved else ''} | val "
+            f"reward chosen {val_m['chosen_reward']:+.3f} rejected {val_m['rejected_reward']:+.3f} "
+            f"margin {val_m['margin']:+.3f} | val accuracy reward {val_m['reward_accuracy']:.0%} "
+            f"log-prob {val_m['accuracy']:.0%} | "
+            f"ETA {format_duration(eta)}")
+        return improved
+
+    reason = None
+    with StopRequested() as stop:  # from the start: a Ctrl-C during the first evaluation counts
+        if not state.history:
+            evaluate()
+        policy.train()
+        while state.epoch < args.epochs and reason is None:
+            train_loader.batch_sampler.set_epoch(state.epoch)
+            for i, batch in enumerate(train_loader):
+                if i < state.batch:  # resuming: these batches were trained on already
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    loss, _, _ = compute_dpo_loss_batch(batch, policy, reference, args.beta)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"loss became {loss.item()} at step {state.step + 1}; "
+                                     f"the last good checkpoint is kept (try a lower --lr)")
+                loss.backward()
+                optimizer.step()
+                state.step, state.batch = state.step + 1, i + 1
+                state.tokens_seen += int(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
+                if state.step % args.eval_every == 0 and evaluate():
+                    best = copy_weights(policy)
+                if args.save_every and state.step % args.save_every == 0:
+                    on_save(state, best)
+                if stop.requested:
+                    raise Interrupted(f"interrupted at step {state.step}", best)
+                if args.patience and state.evals_since_best >= args.patience:
+                    reason = f"early stop at step {state.step}: no new best validation loss " \
+                             f"in {args.patience} evaluations"
+                elif args.max_steps and state.step >= args.max_steps:
+                    reason = f"reached --max-steps {args.max_steps}"
+                if reason:
+                    break
+            else:
+                state.epoch, state.batch = state.epoch + 1, 0
+                on_save(state, best)
+    if state.history[-1]["step"] != state.step and evaluate():
+        best = copy_weights(policy)
+    return reason or f"completed {args.epochs} epochs", best
+
+
+# ---- checkpoints: the trained weights only, and which start they belong to -----------------
+CKPT_FORMAT = "gpt2-instruct-dpo-checkpoint"
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def trained_part(weights: dict, model) -> dict:
+    """The entries of `weights` that training changes (all, or a LoRA run's adapters)."""
+    names = {k for k, v in model.state_dict(keep_vars=True).items() if v.requires_grad}
+    return {k: v for k, v in weights.items() if k in names}
+
+
+def save_dpo_checkpoint(path, model, optimizer, state: RunState, best: dict, source: dict) -> None:
+    atomic_save({"format": CKPT_FORMAT, "source": source,
+                 "policy": trained_part(model.state_dict(), model),
+                 "best": trained_part(best, model), "optimizer": optimizer.state_dict(),
+                 "state": asdict(state), "torch_rng": torch.get_rng_state()}, path)
+
+
+def load_dpo_checkpoint(path, model, optimizer, source: dict) -> tuple[RunState, dict]:
+    """Continue a run; refused when the starting model file or the LoRA settings changed."""
+    ckpt = read_checkpoint(path)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT):
+        raise ValueError(f"{path}: not a DPO checkpoint of this project")
+    saved = ckpt.get("source") if isinstance(ckpt.get("source"), dict) else {}
+    if any(saved.get(k) != source[k] for k in ("sha256", "lora")):  # the path may be spelt anew
+        raise ValueError(f"{path}: written for another start ({saved}); this run is {source}")
+    try:
+        best = dict(copy_weights(model), **ckpt["best"])
+        model.load_state_dict(dict(copy_weights(model), **ckpt["policy"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return RunState(**ckpt["state"]), best
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: damaged DPO checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
+
+
+# ---- command line --------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Preference-tune a model from train.py with DPO.")
+    p.add_argument("--model-path", default="out/model.pt", help="model.pt written by train.py")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="preference pairs {instruction, input, chosen, rejected}: JSON file or URL")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="how far the policy may move from the reference (book: 0.1)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (1)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (8)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (book: 5e-6; tiny: 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (book: 5; tiny: 20)")
+    p.add_argument("--eval-batches", type=int, default=5, help="batches per estimate (5; 0: all)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after N evaluations without a new best validation loss (0: never)")
+    p.add_argument("--max-length", type=int,
+                   help="cut rows to N tokens (default: the model's context length)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank; the reference is then the base with "
+                        "the adapters off, no second copy (0: every weight trains)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale (16)")
+    p.add_argument("--lora-targets", nargs="+", metavar="LAYER",
+                   help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the hardware does it fast; or force one")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="where to train (auto: cuda, then mps, then cpu)")
+    p.add_argument("--seed", type=int, default=123, help="seed for shuffling (123)")
+    p.add_argument("--out-dir", default="out-dpo", help="where outputs and checkpoints go (out-dpo)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write a checkpoint every N steps (0: only at epoch ends and Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="response length limit for the test set (256)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    log = (lambda *a, **k: None) if args.quiet else print
+    out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
+    check_out_dir(out_dir)
+    data = load_preferences(args.data)
+    model, cfg = load_model(args.model_path, device)
+    for key, value in (TINY_DEFAULTS if cfg.get("name") == "tiny" else BOOK_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    lora = None
+    if args.lora_rank:  # an extra: imported only for a LoRA run
+        import lora
+        targets = args.lora_targets or lora.TARGETS
+        n = lora.add_lora(model, args.lora_rank, args.lora_alpha, targets)
+        log(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha} on {', '.join(targets)}: "
+            f"{n:,} trainable parameters; the reference is the base without them")
+        model.to(device)  # the new adapters were made on the CPU
+    reference = FrozenReference(model, lora)
+    style, tokenizer = cfg.get("prompt_style", "alpaca"), get_tokenizer()
+    train_data, val_data, test_data = split_data(data)
+    log(f"data: {len(train_data)} train / {len(val_data)} validation / {len(test_data)} test pairs")
+    max_length = args.max_length or cfg["context_length"]
+    train_loader, val_loader = (make_pair_loader(part, tokenizer, style, args.batch_size, shuffle,
+                                                 args.seed, max_length, device)
+                                for part, shuffle in ((train_data, True), (val_data, False)))
+    bf16 = use_bf16(args.precision, device)
+    autocast = make_autocast(device, bf16)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    source = {"model_path": str(args.model_path), "sha256": file_sha256(args.model_path),
+              "lora": [args.lora_rank, args.lora_alpha, args.lora_targets] if lora else None}
+    ckpt_path, state, best = out_dir / "checkpoint.pt", RunState(), None
+    if args.resume:
+        state, best = load_dpo_checkpoint(ckpt_path, model, optimizer, source)
+        log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
+    log(f"settings: beta {args.beta}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
+        f"eval every {args.eval_every} steps, {'bf16 autocast' if bf16 else 'fp32'} on {device}")
+    save = partial(save_dpo_checkpoint, ckpt_path, model, optimizer, source=source)
+    start = time.perf_counter()
+    try:
+        reason, best = train_dpo(model, reference, optimizer, train_loader, val_loader, args,
+                                 state, best or copy_weights(model), autocast, save, log)
+    except Interrupted as stop:
+        save(state, stop.best)
+        print(f"{stop}; checkpoint written to {ckpt_path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    train_seconds = time.perf_counter() - start
+    model.load_state_dict(best)
+    log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
+        f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
+    if lora:  # a plain model, as train.py writes
+        model = lora.merge_lora(model)
+    save_model(model, cfg, out_dir / "model.pt")
+    if not args.no_generate:
+        log(f"generating responses for {len(test_data)} test entries")
+        responses = generate_responses(model.eval(), test_data, tokenizer, style=style,
+                                       max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+        write_json(out_dir / "preference-data-with-response.json",
+                   [dict(e, model_response=r) for e, r in zip(test_data, responses)])
+    write_json(out_dir / "metrics.json", {
+        "settings": vars(args), "model_config": cfg, "source": source, "history": state.history,
+        "best_step": state.best_step, "best_val_loss": state.best_val, "stop_reason": reason,
+        "steps": state.step, "response_tokens_seen": state.tokens_seen,
+        "train_seconds": train_seconds})
+    if not plot_losses(state.history, out_dir / "loss-plot.png"):
+        log("loss-plot.png skipped: pip install matplotlib to get the plot")
+    log(f"outputs written to {out_dir}/")
+
+
+if __name__ == "__main__":
+    cli_main(main, debug="--debug" in sys.argv)
