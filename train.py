@@ -115,14 +115,14 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
 PLAIN_ATTENTION_MAX = 128  # longest rows for which the plain kernel trains faster on CPU
 
 
-def attention_kernel(device: torch.device, seq_len: int):
+def attention_kernel(device, seq_len: int):
     """On CPU, the plain softmax(QK^T)V attention kernel for rows up to 128 tokens.
 
     The fused (flash) kernel's backward is slow on short rows on CPU (9.5 ms against 5.5 ms
     for a GPT-2-small layer at 64 tokens); from 256 tokens, and on GPUs, it wins, and it never
     holds the (T, T) weights, so it is kept there.
     """
-    if device.type == "cpu" and seq_len <= PLAIN_ATTENTION_MAX:
+    if torch.device(device).type == "cpu" and seq_len <= PLAIN_ATTENTION_MAX:
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
 
@@ -354,6 +354,8 @@ def fill_defaults(args) -> argparse.Namespace:
 
 def build_model(args, log=print) -> tuple[GPTModel, dict]:
     cfg = dict(model_config(args.model), name=args.model, prompt_style=args.prompt_style)
+    if args.untied_head:  # the book's: the head starts as a copy of the embedding, then differs
+        cfg["tie_head"] = False
     if args.max_length > cfg["context_length"]:
         raise ValueError(f"--max-length {args.max_length} is larger than {args.model}'s context "
                          f"length {cfg['context_length']}")
@@ -479,6 +481,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit for the test set (256)")
+    p.add_argument("--untied-head", action="store_true",
+                   help="an output head of its own, as the book's GPTModel (GPT-2 ties it to the "
+                        "token embedding); costs one more 50257-row matrix and its AdamW state")
+    p.add_argument("--keep-last", action="store_true",
+                   help="keep the last weights, as the book, not those of the best validation loss")
     p.add_argument("--full-head", action="store_true",
                    help="run the output head on every position, as the book (slower)")
     p.add_argument("--no-length-grouping", action="store_true",
@@ -554,9 +561,13 @@ def main(argv=None) -> None:
               file=sys.stderr)
         sys.exit(130)
     train_seconds = time.perf_counter() - start
-    model.load_state_dict(best)
-    log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
-        f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
+    if args.keep_last:
+        log(f"{reason}; kept the last weights (--keep-last); training took "
+            f"{format_duration(train_seconds)}")
+    else:
+        model.load_state_dict(best)
+        log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
+            f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
     if lora_run:  # a plain model: generate.py, evaluate.py and export load it as any other
         model = lora.merge_lora(model)
     save_model(model, cfg, out_dir / "model.pt")
