@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from checkpoint import Interrupted, RunState, StopRequested, copy_weights
 from collate import LengthGroupedBatchSampler
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json
 from generate import generate_responses, pick_device
 from gpt import atomic_save, load_model, read_checkpoint, save_model
-from train import (Interrupted, RunState, StopRequested, check_out_dir, copy_weights,
-                   format_duration, make_autocast, make_optimizer, plot_losses, use_bf16)
+from outputs import check_out_dir, format_duration, plot_losses
+from train import make_autocast, make_optimizer, use_bf16
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "preference-data.json")
 BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium

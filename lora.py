@@ -231,7 +231,7 @@ class LoRARun:
         atomic_save(ckpt, path)
 
     def load_checkpoint(self, path, model, optimizer, cfg):
-        from train import RunState
+        from checkpoint import RunState
         ckpt = self._read(path)
         try:
             load_lora_state(model, ckpt["best_lora"], path)

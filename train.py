@@ -6,14 +6,11 @@ weights, then writes the test-set responses, the model, metrics and a loss plot 
 Book names: `calc_loss_batch`, `calc_loss_loader`, `evaluate_model`, `plot_losses`.
 """
 import argparse
-import io
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from checkpoint import (Interrupted, RunState, StopRequested, copy_weights, load_checkpoint,
+                        parse_every, save_checkpoint, save_due)
 from collate import make_loader
-from data import (InstructionDataset, atomic_write_bytes, cache_root, cli_main, download,
-                  format_input, get_tokenizer, load_data, split_data, write_json)
+from data import (InstructionDataset, cache_root, cli_main, download, get_tokenizer, load_data,
+                  split_data, write_json)
 from generate import generate_responses, pick_device
-from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, atomic_save, check_safetensors_complete,
-                 load_state, load_weights, model_config, read_checkpoint, save_model)
+from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, check_safetensors_complete, load_weights,
+                 model_config, save_model)
+from outputs import check_out_dir, format_duration, plot_losses, sample_response, show_examples
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
 BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
@@ -127,106 +127,7 @@ def attention_kernel(device, seq_len: int):
     return nullcontext()
 
 
-# ---- the run's state: everything a checkpoint needs to continue exactly ----------------------
-@dataclass
-class RunState:
-    epoch: int = 0            # current epoch (0-based)
-    batch: int = 0            # batches already done in the current epoch
-    step: int = 0             # optimizer steps done
-    tokens_seen: int = 0      # target tokens trained on
-    best_val: float = math.inf
-    best_step: int = 0
-    evals_since_best: int = 0
-    history: list = field(default_factory=list)  # one dict per evaluation
-
-
-def save_checkpoint(path, model, optimizer, state: RunState, best_weights, cfg) -> None:
-    """Everything --resume needs; the best weights only when they are not the current ones."""
-    same = state.best_step == state.step and bool(state.history)  # common: it just improved
-    ckpt = {"format": "gpt2-instruct-checkpoint", "config": cfg, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "state": asdict(state),
-            "best_weights": None if same else best_weights, "torch_rng": torch.get_rng_state()}
-    atomic_save(ckpt, path)  # streamed to a temporary file: no second copy in memory
-
-
-def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
-    ckpt = read_checkpoint(path)
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct-checkpoint"):
-        raise ValueError(f"{path}: not a training checkpoint of this project")
-    saved = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
-    model_keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-    if any(saved.get(k) != cfg[k] for k in model_keys):
-        raise ValueError(f"{path}: checkpoint is for another model ({saved.get('name')}, "
-                         f"{saved.get('n_layers')} layers); this run is {cfg.get('name')}")
-    try:
-        load_state(model, ckpt["model"], path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        best = ckpt["best_weights"]
-        return RunState(**ckpt["state"]), copy_weights(model) if best is None else best
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: damaged training checkpoint ({type(e).__name__}: {e})") from None
-
-
-def copy_weights(model) -> dict:
-    # frozen weights (a LoRA run's base) never change: shared, not copied
-    return {k: v.detach().clone() if v.requires_grad else v.detach()
-            for k, v in model.state_dict(keep_vars=True).items()}
-
-
 # ---- the training loop ---------------------------------------------------------------------
-class StopRequested:
-    """Ctrl-C sets a flag that the loop checks between steps, so a checkpoint is always consistent."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to abort now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def parse_every(text: str) -> tuple[float, str]:
-    """`--save-every`: "200" (steps) or "10m" (minutes); 0 never."""
-    minutes = text.endswith("m")
-    try:
-        value = float(text[:-1]) if minutes else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not N (steps) or Nm (minutes)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value, "minutes" if minutes else "steps"
-
-
-def save_due(every: tuple[float, str], step: int, seconds_since_save: float) -> bool:
-    value, unit = every
-    if not value:
-        return False
-    return seconds_since_save >= 60 * value if unit == "minutes" else step % value == 0
-
-
-def format_duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-class Interrupted(Exception):
-    """Ctrl-C between two steps: the state is consistent and can be checkpointed with `best`."""
-
-    def __init__(self, message: str, best: dict):
-        super().__init__(message)
-        self.best = best
-
-
 def train_model(model, optimizer, train_loader, val_loader, device, args, state: RunState,
                 best: dict, autocast, loss_fn, on_epoch_end, on_save,
                 log=print) -> tuple[str, dict]:
@@ -386,58 +287,6 @@ def prepare_loaders(args, data, tokenizer, device, log=print):
                                    pad_to_multiple=args.pad_multiple,
                                    pin_memory=device.type == "cuda"))
     return loaders, (train_data, val_data, test_data)
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Fail before training, not after it, when results could not be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
-
-
-# ---- outputs -------------------------------------------------------------------------------
-def sample_response(model, entry, tokenizer, style, max_new_tokens=35) -> str:
-    """The book's per-epoch check: the model's answer to one validation prompt."""
-    return generate_responses(model, [entry], tokenizer, style=style,
-                              max_new_tokens=max_new_tokens, batch_size=1)[0]
-
-
-def show_examples(entries: list[dict], responses: list[str], style: str, n: int = 3,
-                  log=print) -> None:
-    """The book's check by eye: a few test prompts, the expected answer and the model's."""
-    for entry, response in list(zip(entries, responses))[:n]:
-        log(f"\n{format_input(entry, style)}\n\nCorrect response:\n>> {entry['output']}"
-            f"\n\nModel response:\n>> {response.strip()}\n" + "-" * 40)
-
-
-def plot_losses(history: list, path: Path) -> bool:
-    """Train and validation loss against epochs, tokens seen on a second axis (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    epochs = [h["epoch"] for h in history]
-    fig, ax1 = plt.subplots(figsize=(6, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], label="Training loss")
-    ax1.plot(epochs, [h["val_loss"] for h in history], linestyle="-.", label="Validation loss")
-    ax1.set_xlabel("Epochs")
-    ax1.set_ylabel("Loss")
-    ax1.legend(loc="upper right")
-    ax2 = ax1.twiny()  # same curves, read against tokens seen
-    ax2.plot([h["tokens"] for h in history], [h["train_loss"] for h in history], alpha=0)
-    ax2.set_xlabel("Target tokens seen")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return True
 
 
 # ---- command line --------------------------------------------------------------------------
