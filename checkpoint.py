@@ -106,3 +106,13 @@ class Interrupted(Exception):
     def __init__(self, message: str, best: dict):
         super().__init__(message)
         self.best = best
+
+
+def stop_reason(state: RunState, patience: int, max_steps: int) -> str | None:
+    """Why a run stops after this step (early stopping, --max-steps), or None to go on."""
+    if patience and state.evals_since_best >= patience:
+        return (f"early stop at step {state.step}: no new best validation loss in {patience} "
+                f"evaluations")
+    if max_steps and state.step >= max_steps:
+        return f"reached --max-steps {max_steps}"
+    return None

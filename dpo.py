@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from checkpoint import Interrupted, RunState, StopRequested, copy_weights
+from checkpoint import Interrupted, RunState, StopRequested, copy_weights, stop_reason
 from collate import LengthGroupedBatchSampler
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json
 from generate import generate_responses, pick_device
@@ -269,11 +269,7 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
                     on_save(state, best)
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
-                if args.patience and state.evals_since_best >= args.patience:
-                    reason = f"early stop at step {state.step}: no new best validation loss " \
-                             f"in {args.patience} evaluations"
-                elif args.max_steps and state.step >= args.max_steps:
-                    reason = f"reached --max-steps {args.max_steps}"
+                reason = stop_reason(state, args.patience, args.max_steps)
                 if reason:
                     break
             else:

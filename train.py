@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint import (Interrupted, RunState, StopRequested, copy_weights, load_checkpoint,
-                        parse_every, save_checkpoint, save_due)
+                        parse_every, save_checkpoint, save_due, stop_reason)
 from collate import make_loader
 from data import (InstructionDataset, cache_root, cli_main, download, get_tokenizer, load_data,
                   split_data, write_json)
@@ -189,11 +189,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
                     last_save = time.perf_counter()
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
-                if args.patience and state.evals_since_best >= args.patience:
-                    reason = (f"early stop at step {state.step}: no new best validation loss "
-                              f"in {args.patience} evaluations")
-                elif args.max_steps and state.step >= args.max_steps:
-                    reason = f"reached --max-steps {args.max_steps}"
+                reason = stop_reason(state, args.patience, args.max_steps)
                 if reason:
                     break
             else:
