@@ -117,8 +117,8 @@ def lr_at(step: int, lr: float, total_steps: int, schedule: str = "constant",
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return lr / 10 + 0.9 * lr * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
