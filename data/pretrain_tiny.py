@@ -7,7 +7,6 @@ same device gives the same file.
 """
 import argparse
 import hashlib
-import math
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py) and tiny_corpus.py
 from data import ENDOFTEXT, atomic_write_bytes, cli_main, get_tokenizer, load_data  # noqa: E402
 from gpt import GPTModel, model_config, save_model  # noqa: E402
+import train  # noqa: E402  (the learning-rate schedule)
 from tiny_corpus import build_corpus, check_held_out  # noqa: E402
 
 OUT = HERE / "tiny-pretrained.pt"
@@ -62,11 +62,9 @@ def calc_loss_batch(input_batch, target_batch, model):
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then cosine decay to a tenth of it at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up to `peak`, then cosine decay to a tenth of it at the last step (the
+    schedule train.py's --lr-schedule cosine uses for fine-tuning)."""
+    return train.lr_at(step, peak, steps, "cosine", warmup)
 
 
 @torch.no_grad()

@@ -1,10 +1,13 @@
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from functools import partial
 
 import train
-from collate import custom_collate_fn
+from collate import custom_collate_fn, make_loader
 from data import InstructionDataset, get_tokenizer, load_data
 from gpt import GPTModel, load_model, model_config
 from safetensors_io import hf_gpt2_tensors, safetensors_bytes
@@ -366,3 +369,69 @@ print(before, after)
     size = (tmp_path / "c.pt").stat().st_size
     assert size > 300 * 2**20  # weights and AdamW's two moments of a 39M-parameter model
     assert after - before < 0.05 * size
+
+
+# ---- the tiny demo: pretrained start, schedule, defaults ------------------------------------
+def test_lr_at_warms_up_then_decays_along_a_cosine_to_a_tenth():
+    # lr 1, warm-up 2, 10 steps: steps 0, 1 -> 1/2, 2/2; then 0.1 + 0.9 * (1 + cos(pi * p)) / 2
+    # with p = (step - 2) / 8: step 2 -> 1.0, step 6 (p = 1/2) -> 0.55, step 10 (p = 1) -> 0.1
+    got = [train.lr_at(s, 1.0, 10, "cosine", 2) for s in (0, 1, 2, 6, 10, 12)]
+    assert got == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    assert [train.lr_at(s, 2e-3, 10, "constant", 4) for s in (0, 3, 4, 9)] == \
+        pytest.approx([5e-4, 2e-3, 2e-3, 2e-3])
+    assert train.lr_at(0, 5e-5, 10) == 5e-5  # the book's constant rate, no warm-up
+
+
+def test_train_model_sets_each_steps_rate_from_the_schedule():
+    torch.manual_seed(0)
+    model = GPTModel(dict(SMALL, vocab_size=50257))  # collate pads with <|endoftext|>
+    rows = [[(3 * i + j) % 97 for j in range(5)] for i in range(8)]
+    loader = make_loader(rows, batch_size=2, shuffle=True, drop_last=True)  # 4 steps an epoch
+    opt = train.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"))
+    seen = []
+
+    def recording_loss(inputs, targets, model, device):
+        if torch.is_grad_enabled():  # a training step: the rate it will use
+            seen.append(opt.param_groups[0]["lr"])
+        return train.calc_loss_batch(inputs, targets, model, device)
+    args = SimpleNamespace(epochs=2, max_steps=0, eval_every=100, eval_batches=1, save_every=(0, "steps"),
+                           patience=0, lr_schedule="cosine", warmup_steps=2)
+    train.train_model(model, opt, loader, loader, torch.device("cpu"), args, train.RunState(),
+                      train.copy_weights(model), contextlib.nullcontext, recording_loss,
+                      lambda *a: None, lambda *a: None, log=lambda *a: None)
+    assert seen == pytest.approx([train.lr_at(s, 1e-2, 8, "cosine", 2) for s in range(8)])
+
+
+def test_tiny_defaults_and_the_books_stay_apart():
+    book, tiny = train.parse_args([]), train.parse_args(["--model", "tiny"])
+    assert (book.lr, book.epochs, book.lr_schedule, book.warmup_steps, book.mask_prompt) == \
+        (5e-5, 2, "constant", 0, False)
+    assert (tiny.lr_schedule, tiny.mask_prompt) == ("cosine", True)
+    assert train.parse_args(["--model", "tiny", "--no-mask-prompt"]).mask_prompt is False
+    assert train.parse_args(["--mask-prompt"]).mask_prompt is True
+    scratch = train.parse_args(["--model", "tiny", "--from-scratch"])
+    assert (scratch.epochs, scratch.lr, scratch.lr_schedule, scratch.mask_prompt) == \
+        (15, 1e-3, "constant", False)
+
+
+def test_the_committed_tiny_model_is_the_pretrained_one_and_train_loads_it():
+    raw = train.TINY_PRETRAINED.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == \
+        "c6af17f52abf379a59a4ef95707c98d5a284a5149084d3ddd7a2427527c0ff76"
+    assert len(raw) < 30_000_000  # the size limit for shipped weights
+    saved = torch.load(train.TINY_PRETRAINED, weights_only=True)
+    assert saved["config"]["name"] == "tiny"
+    model, cfg = train.build_model(train.parse_args(["--model", "tiny"]), log=lambda *a: None)
+    assert cfg["name"] == "tiny"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved["state_dict"][name].float(), msg=name)
+
+
+def test_from_scratch_never_reads_the_pretrained_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "TINY_PRETRAINED", tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError):
+        train.build_model(train.parse_args(["--model", "tiny"]), log=lambda *a: None)
+    model, _ = train.build_model(train.parse_args(["--model", "tiny", "--from-scratch"]),
+                                 log=lambda *a: None)
+    torch.manual_seed(123)  # the run's seed: the same random start as GPTModel on its own
+    torch.testing.assert_close(model.state_dict(), GPTModel(model_config("tiny")).state_dict())
