@@ -15,6 +15,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import distribute_tensor
+
+# whole (not sharded) tensors; gathered on the CPU, so no GPU ever holds a second full copy
+FULL = StateDictOptions(full_state_dict=True)
+FULL_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
 
 class ShardedBatchSampler:
     """Each global batch of `sampler` (batch_size x world entries, in the one-process order)
@@ -58,8 +68,8 @@ class Run:
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.is_main = self.rank == 0
         self.fsdp, self.log = args.fsdp, log if self.is_main else (lambda *a, **k: None)
-        if args.fsdp and (args.resume or args.lora_rank):
-            raise ValueError("--fsdp does not support --resume or --lora-rank yet (use DDP)")
+        if args.fsdp and args.lora_rank:
+            raise ValueError("--fsdp does not support --lora-rank yet (use DDP)")
         device = torch.device(device_name)
         if device.type == "cuda":  # one GPU per process: the one torchrun numbered for this node
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -93,8 +103,8 @@ class Run:
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP around the model and its loss, or FSDP2: each transformer block its own shard
         group, the rest (embeddings, final norm, head) the root's."""
+        self.model_class = type(model)  # fully_shard changes it (FSDPGPTModel)
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
             for block in model.trf_blocks:
                 fully_shard(block)
             # the root stays gathered after forward: the head runs after model.hidden returns
@@ -137,26 +147,81 @@ class Run:
 
     def save(self, write, path, model, optimizer, state, best, cfg) -> None:
         """`write` (checkpoint.save_checkpoint) on rank 0 while the others wait, so that every
-        rank goes on only once the checkpoint is complete. DDP's weights are the same on every
-        rank, so the file is one process's checkpoint: it resumes under N or under 1."""
+        rank goes on only once the checkpoint is complete. The file is one process's checkpoint
+        (DDP: every rank has the same weights; FSDP: the shards gathered into whole tensors and
+        AdamW's state in one process's numbering), so it resumes under any number of ranks."""
         if self.fsdp:
-            if not getattr(self, "warned", False):
-                self.log("warning: --fsdp writes no checkpoints yet; only the final outputs")
-                self.warned = True
-            return
+            model, optimizer, best = self._gathered(model, optimizer, best)
         if self.is_main:
             write(path, model, optimizer, state, best, cfg)
         dist.barrier()
 
-    def full_model(self, model, cfg: dict, model_class):
+    def load(self, read, path, model, optimizer, cfg) -> tuple:
+        """`read` (checkpoint.load_checkpoint) on every rank; under FSDP into a whole model
+        first (one full copy in CPU memory per rank while loading), then sharded."""
+        if not self.fsdp:
+            return read(path, model, optimizer, cfg)
+        whole = self.model_class(cfg)
+        # its settings (lr, weight decay) come from the checkpoint's param_groups
+        whole_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad])
+        state, best = read(path, whole, whole_opt, cfg)
+        set_model_state_dict(model, whole.state_dict(), options=FULL)
+        set_optimizer_state_dict(model, optimizer, by_name(whole_opt.state_dict(), model),
+                                 options=FULL)
+        params = model.state_dict(keep_vars=True)
+        best = {k: distribute_tensor(v.to(self.device), params[k].device_mesh,
+                                     params[k].placements) for k, v in best.items()}
+        return state, best
+
+    def _gathered(self, model, optimizer, best):
+        """Whole-tensor stand-ins for an FSDP model, its AdamW and best weights (collectives:
+        every rank calls this; only rank 0 gets the tensors)."""
+        model_state = get_model_state_dict(model, options=FULL_CPU)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_CPU)
+        best = {k: v.full_tensor().cpu() for k, v in best.items()}
+        if not self.is_main:
+            return None, None, None
+        return (Saved(model_state), Saved(by_number(optim_state, model)), best)
+
+    def full_model(self, model, cfg: dict):
         """The whole trained model on rank 0 (None elsewhere) for the outputs; FSDP gathers it."""
         if not self.fsdp:
             return model if self.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
+        state = get_model_state_dict(model, options=FULL_CPU)
         if not self.is_main:
             return None
-        whole = model_class(cfg)
+        whole = self.model_class(cfg)
         whole.load_state_dict(state)
         return whole.to(self.device)
+
+
+class Saved:
+    """A state dict behind `.state_dict()`, what checkpoint.save_checkpoint asks a model for."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def trainable_names(model) -> list[str]:
+    # train.make_optimizer's order: AdamW numbers the parameters in this order
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def by_number(optim_state: dict, model) -> dict:
+    """AdamW's state keyed by parameter name (torch.distributed.checkpoint) -> by number, as
+    optimizer.state_dict() of one process gives it."""
+    number = {name: i for i, name in enumerate(trainable_names(model))}
+    return {"state": {number[k]: v for k, v in optim_state["state"].items()},
+            "param_groups": [dict(g, params=[number[k] for k in g["params"]])
+                             for g in optim_state["param_groups"]]}
+
+
+def by_name(optim_state: dict, model) -> dict:
+    """The inverse of `by_number`."""
+    names = trainable_names(model)
+    return {"state": {names[i]: v for i, v in optim_state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]])
+                             for g in optim_state["param_groups"]]}

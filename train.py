@@ -378,7 +378,8 @@ def main(argv=None) -> None:
         log = run.log  # rank 0's; the others are silent
     elif args.fsdp:
         raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node N train.py ...")
-    check_out_dir(out_dir)
+    if not run or run.is_main:  # only rank 0 writes there (and two probes would collide)
+        check_out_dir(out_dir)
     data = load_data(args.data)
     tokenizer = get_tokenizer()
     model, cfg = build_model(args, log)
@@ -400,6 +401,8 @@ def main(argv=None) -> None:
     state, best = RunState(), None
     if args.resume:
         load = lora_run.load_checkpoint if lora_run else load_checkpoint
+        if run:
+            load = partial(run.load, load)
         state, best = load(ckpt_path, model, optimizer, cfg)
         log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
     log(f"settings: model {args.model}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
@@ -445,7 +448,7 @@ def main(argv=None) -> None:
         log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
             f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
     if run:  # the whole model on rank 0, which writes the outputs; the other ranks are done
-        model = run.full_model(model, cfg, GPTModel)
+        model = run.full_model(model, cfg)
         if model is None:
             return
     if lora_run:  # a plain model: generate.py, evaluate.py and export load it as any other

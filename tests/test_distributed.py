@@ -142,3 +142,13 @@ def test_a_dead_rank_ends_the_run_and_its_checkpoint_resumes(data_file, tmp_path
     metrics, output = train(["--data", str(data_file), "--batch-size", "4", "--resume",
                              "--max-steps", "14"], out)
     assert "resumed from" in output and metrics["steps"] == 14
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_where_it_stopped(one_process, data_file, tmp_path):
+    args = ["--data", str(data_file), "--batch-size", "2", "--fsdp"]
+    train(args + ["--max-steps", "4", "--save-every", "4"], tmp_path, nproc=2)
+    metrics, output = train(args + ["--max-steps", "6", "--resume"], tmp_path, nproc=2)
+    assert "resumed from" in output
+    # the history (steps 0-4 from the checkpoint, 6 after it) is the uninterrupted one's
+    assert_same_losses(losses(metrics), one_process)
