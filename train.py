@@ -433,7 +433,8 @@ def main(argv=None) -> None:
     try:
         reason, best = train_model(model, optimizer, train_loader, val_loader, device, args,
                                    state, best or copy_weights(model), autocast, loss_fn,
-                                   epoch_end, save, log, run.count_targets if run else count_targets)
+                                   epoch_end, save, log,
+                                   run.count_targets if run else count_targets)
     except Interrupted as stop:
         save(state, stop.best)
         print(f"{stop}; checkpoint written to {ckpt_path}; continue with --resume",

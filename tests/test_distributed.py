@@ -109,6 +109,15 @@ def test_plain_python_never_starts_torch_distributed(data_file, tmp_path):
     assert done.returncode == 0 and "plain" in done.stdout, done.stderr
 
 
+def test_fsdp_without_torchrun_is_refused_in_one_line(data_file, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--fsdp", "--data",
+                           str(data_file), "--out-dir", str(tmp_path), *COMMON], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: --fsdp needs several processes: torchrun "
+                                   "--nproc_per_node N train.py ...")
+
+
 def worker_pids(parent: int) -> dict[int, int]:
     """{rank: pid} of torchrun's workers (children of its agent process, read from /proc)."""
     found = {}
