@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+import torch
+from torch import nn
+
 from collate import LengthGroupedBatchSampler
-from distributed import ShardedBatchSampler
+from distributed import ShardedBatchSampler, by_name, by_number
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -44,6 +47,19 @@ def test_shards_are_disjoint_halves_of_the_one_process_batches():
 def test_sharding_refuses_batches_that_may_be_short():
     with pytest.raises(ValueError, match="drop_last"):
         ShardedBatchSampler(LengthGroupedBatchSampler([1, 2, 3], 2, drop_last=False), 0, 2)
+
+
+def test_adamw_state_numbered_as_one_process_numbers_it():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model[0].bias.requires_grad_(False)  # frozen: AdamW never sees it, so it gets no number
+    # trainable in order: 0.weight -> 0, 1.weight -> 1, 1.bias -> 2
+    named = {"state": {"1.weight": {"step": 3}},
+             "param_groups": [{"lr": 0.1, "params": ["0.weight", "1.weight", "1.bias"]}]}
+    numbered = {"state": {1: {"step": 3}}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}]}
+    assert by_number(named, model) == numbered
+    assert by_name(numbered, model) == named
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert plain.state_dict()["param_groups"][0]["params"] == [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
