@@ -90,14 +90,19 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, autocast=
     return train_loss, val_loss
 
 
+def count_targets(target_batch) -> int:
+    return int((target_batch != -100).sum())
+
+
 def train_step(model, optimizer, input_batch, target_batch, device, autocast=nullcontext,
-               loss_fn=calc_loss_batch) -> tuple[float, int]:
+               loss_fn=calc_loss_batch, count=count_targets) -> tuple[float, int]:
     """One step of the book's loop; returns (loss, number of target tokens).
 
     Zero the gradients, forward pass and loss, backward pass, optimizer step. A loss that is
     not finite is returned before it can touch the weights (the caller stops the run).
+    `count` counts the targets (under torchrun: those of all ranks, so all skip or step alike).
     """
-    n_targets = int((target_batch != -100).sum())
+    n_targets = count(target_batch)
     optimizer.zero_grad()
     with autocast(), attention_kernel(device, input_batch.shape[1]):
         loss = loss_fn(input_batch, target_batch, model, device)
@@ -148,7 +153,7 @@ def attention_kernel(device, seq_len: int):
 # ---- the training loop ---------------------------------------------------------------------
 def train_model(model, optimizer, train_loader, val_loader, device, args, state: RunState,
                 best: dict, autocast, loss_fn, on_epoch_end, on_save,
-                log=print) -> tuple[str, dict]:
+                log=print, count=count_targets) -> tuple[str, dict]:
     """Train until the epochs, --max-steps or patience run out; returns (stop reason, best weights).
 
     Evaluates every `args.eval_every` steps (before the first step and after the last too),
@@ -200,7 +205,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_of_step(state.step)
                 loss, n_targets = train_step(model, optimizer, inputs, targets, device,
-                                             autocast, loss_fn)
+                                             autocast, loss_fn, count)
                 if not math.isfinite(loss):
                     raise ValueError(f"loss became {loss} at step {state.step + 1}; "
                                      f"the last good checkpoint is kept (try a lower --lr)")
@@ -377,6 +382,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the loss (model and head) with BACKEND (inductor)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and AdamW's state over the "
+                        "processes (FSDP2, one group per transformer block) instead of DDP")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="under torchrun: a rank waiting this long for the others fails (30)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return fill_defaults(p.parse_args(argv))
@@ -386,7 +396,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     log = (lambda *a, **k: None) if args.quiet else partial(print, flush=True)  # seen as it happens
     out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
-    check_out_dir(out_dir)
+    run = None  # one process; under torchrun the extra distributed.py (README, Several GPUs)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import distributed
+        run = distributed.Run(device.type, args, log)
+        device = run.device
+        log = run.log  # rank 0's; the others are silent
+    elif args.fsdp:
+        raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node N train.py ...")
+    if not run or run.is_main:  # only rank 0 writes there (and two probes would collide)
+        check_out_dir(out_dir)
     data = load_data(args.data)
     tokenizer = get_tokenizer()
     model, cfg = build_model(args, log)
@@ -396,14 +415,20 @@ def main(argv=None) -> None:
         import lora
         lora_run = lora.LoRARun(model, args, ckpt_path, log)
     model.to(device)
+    if run:
+        model = run.wrap(model)
     bf16 = use_bf16(args.precision, device)
     autocast = make_autocast(device, bf16)
     (train_loader, val_loader), (_, val_data, test_data) = prepare_loaders(args, data, tokenizer,
                                                                            device, log)
+    if run:
+        train_loader, val_loader = run.shard_loaders(train_loader, val_loader)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     state, best = RunState(), None
     if args.resume:
         load = lora_run.load_checkpoint if lora_run else load_checkpoint
+        if run:
+            load = partial(run.load, load)
         state, best = load(ckpt_path, model, optimizer, cfg)
         log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
     log(f"settings: model {args.model}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
@@ -415,10 +440,15 @@ def main(argv=None) -> None:
     loss_fn = partial(calc_loss_batch, full_head=True) if args.full_head else calc_loss_batch
     if args.compile:  # the loss function, so the model's forward pass and the head compile
         loss_fn = torch.compile(loss_fn, backend=args.compile)
+    if run:
+        loss_fn = run.global_loss(loss_fn)
 
     def save(state, best):
         write = lora_run.save_checkpoint if lora_run else save_checkpoint
-        write(ckpt_path, model, optimizer, state, best, cfg)
+        if run:
+            run.save(write, ckpt_path, model, optimizer, state, best, cfg)
+        else:
+            write(ckpt_path, model, optimizer, state, best, cfg)
 
     def epoch_end(state, best):
         log(f"epoch {state.epoch} sample: "
@@ -431,7 +461,8 @@ def main(argv=None) -> None:
     try:
         reason, best = train_model(model, optimizer, train_loader, val_loader, device, args,
                                    state, best or copy_weights(model), autocast, loss_fn,
-                                   epoch_end, save, log)
+                                   epoch_end, save, log,
+                                   run.count_targets if run else count_targets)
     except Interrupted as stop:
         save(state, stop.best)
         print(f"{stop}; checkpoint written to {ckpt_path}; continue with --resume",
@@ -445,6 +476,10 @@ def main(argv=None) -> None:
         model.load_state_dict(best)
         log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
             f"{state.best_val:.3f}); training took {format_duration(train_seconds)}")
+    if run:  # the whole model on rank 0, which writes the outputs; the other ranks are done
+        model = run.full_model(model, cfg)
+        if model is None:
+            return
     if lora_run:  # a plain model: generate.py, evaluate.py and export load it as any other
         model = lora.merge_lora(model)
     save_model(model, cfg, out_dir / "model.pt")
