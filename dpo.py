@@ -26,7 +26,8 @@ from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_d
 from generate import generate_responses, pick_device
 from gpt import atomic_save, load_model, read_checkpoint, save_model
 from outputs import check_out_dir, format_duration, plot_losses
-from train import make_autocast, make_optimizer, use_bf16
+from recipe import make_autocast, use_bf16
+from train import make_optimizer
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "preference-data.json")
 BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium

@@ -202,7 +202,7 @@ class LoRARun:
             if self.base_path:
                 load_weights(model, self.base_path)
         elif self.base_path is None and not args.from_scratch:
-            from train import TINY_PRETRAINED, download_gpt2  # the file build_model loaded
+            from recipe import TINY_PRETRAINED, download_gpt2  # the file build_model loaded
             self.base_path = str(TINY_PRETRAINED if args.model == "tiny"
                                  else download_gpt2(args.model))
         self.base_sha256 = fingerprint(model)

@@ -1,11 +1,11 @@
-"""Instruction fine-tuning of GPT-2: the project's main job.
+"""Instruction fine-tuning of GPT-2: the project's main job, `python train.py`.
 
-Reads the data, loads a pretrained model (or starts `tiny` from scratch), trains while tracking
-training and validation loss, stops early when validation stops improving, restores the best
-weights, then writes the test-set responses, the model, metrics and a loss plot to --out-dir.
-Book names: `calc_loss_batch`, `calc_loss_loader`, `evaluate_model`, `plot_losses`.
+The book's training functions (`calc_loss_batch`, `calc_loss_loader`, `evaluate_model`, one step
+of zero_grad, forward, loss, backward, `optimizer.step()`), the loop that evaluates, stops early
+and keeps the best weights, and `main`, which writes the model, the test-set responses, metrics
+and the loss plot. The settings and what they build (model, loaders, precision) are in recipe.py;
+checkpoints and Ctrl-C in checkpoint.py; under torchrun, distributed.py.
 """
-import argparse
 import math
 import os
 import sys
@@ -18,31 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from checkpoint import (Interrupted, RunState, StopRequested, copy_weights, load_checkpoint,
-                        parse_every, save_checkpoint, save_due, stop_reason)
-from collate import make_loader
-from data import (InstructionDataset, cache_root, cli_main, download, get_tokenizer, load_data,
-                  split_data, write_json)
+from checkpoint import (Interrupted, RunState, StopRequested, load_checkpoint, save_checkpoint,
+                        save_due, stop_reason, copy_weights)
+from data import cli_main, get_tokenizer, load_data, write_json
 from generate import generate_responses, pick_device
-from gpt import (HF_NAMES, MODEL_NAMES, GPTModel, check_safetensors_complete, load_weights,
-                 model_config, save_model)
+from gpt import save_model
 from outputs import check_out_dir, format_duration, plot_losses, sample_response, show_examples
-
-DEFAULT_DATA = str(Path(__file__).parent / "data" / "instruction-data.json")
-BOOK_DEFAULTS = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_every=5,
-                     eval_batches=5, patience=20, max_length=1024, lr_schedule="constant",
-                     warmup_steps=0, mask_prompt=False)
-# `tiny` starts from data/tiny-pretrained.pt (data/pretrain_tiny.py), as the book starts from
-# OpenAI's GPT-2; its fine-tuning defaults were chosen by measurement (README, The offline demo).
-# From scratch it keeps its earlier defaults: more epochs, a higher constant rate, no masking.
-TINY_PRETRAINED = Path(__file__).parent / "data" / "tiny-pretrained.pt"
-TINY_DEFAULTS = dict(epochs=6, batch_size=8, lr=7e-4, weight_decay=0.1, eval_every=25,
-                     eval_batches=5, patience=6, max_length=256, lr_schedule="cosine",
-                     warmup_steps=20, mask_prompt=True)
-SCRATCH_DEFAULTS = dict(epochs=15, batch_size=8, lr=1e-3, weight_decay=0.1, eval_every=50,
-                        eval_batches=5, patience=6, max_length=256, lr_schedule="constant",
-                        warmup_steps=0, mask_prompt=False)
-PAD_MULTIPLE = 16  # batch lengths are padded to a multiple of it (collate.padded_length)
+from recipe import build_model, make_autocast, parse_args, prepare_loaders, use_bf16
 
 
 # ---- the book's training functions -----------------------------------------------------------
@@ -227,169 +209,6 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
     if state.history[-1]["step"] != state.step and evaluate():
         best = copy_weights(model)
     return reason or f"completed {args.epochs} epochs", best
-
-
-# ---- setting up a run ----------------------------------------------------------------------
-def gpt2_url(name: str) -> str:
-    return f"https://huggingface.co/openai-community/{HF_NAMES[name]}/resolve/main/model.safetensors"
-
-
-def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Local path of a preset's `model.safetensors`, downloaded into the cache if not there yet."""
-    if name not in HF_NAMES:
-        raise ValueError(f"no pretrained weights for {name!r}; choose one of {', '.join(HF_NAMES)}")
-    dest = Path(cache_dir or cache_root()) / HF_NAMES[name] / "model.safetensors"
-    if dest.exists():
-        try:
-            check_safetensors_complete(dest)
-            return dest
-        except ValueError as e:  # damaged after it was downloaded: never used, fetched again
-            print(f"warning: {e}; downloading it again", file=sys.stderr)
-            dest.unlink()
-    try:
-        return download(gpt2_url(name), dest)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"{name} weights not found at {dest} and the download failed ({e}); pass "
-            f"--weights PATH to a local model.safetensors, or use --model tiny to train offline") from None
-
-
-def make_autocast(device: torch.device, bf16: bool):
-    """A factory of bf16 autocast contexts (no-ops when bf16 is False)."""
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware multiplies bf16 natively; master weights stay fp32."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def fill_defaults(args) -> argparse.Namespace:
-    """Unset flags take the book's values, or the tiny demo's own."""
-    defaults = BOOK_DEFAULTS if args.model != "tiny" else \
-        SCRATCH_DEFAULTS if args.from_scratch else TINY_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def build_model(args, log=print) -> tuple[GPTModel, dict]:
-    cfg = dict(model_config(args.model), name=args.model, prompt_style=args.prompt_style)
-    if args.untied_head:  # the book's: the head starts as a copy of the embedding, then differs
-        cfg["tie_head"] = False
-    if args.max_length > cfg["context_length"]:
-        raise ValueError(f"--max-length {args.max_length} is larger than {args.model}'s context "
-                         f"length {cfg['context_length']}")
-    torch.manual_seed(args.seed)
-    model = GPTModel(cfg)
-    if args.resume or (args.from_scratch and not args.weights):
-        return model, cfg  # weights come from the checkpoint, or stay random
-    path = args.weights or (TINY_PRETRAINED if args.model == "tiny" else download_gpt2(args.model))
-    log(f"loading weights from {path}")
-    load_weights(model, path)
-    return model, cfg
-
-
-def prepare_loaders(args, data, tokenizer, device, log=print):
-    train_data, val_data, test_data = split_data(data)
-    log(f"data: {len(train_data)} train / {len(val_data)} validation / {len(test_data)} test")
-    loaders = []
-    for part, is_train in ((train_data, True), (val_data, False)):
-        dataset = InstructionDataset(part, tokenizer, style=args.prompt_style)
-        too_long = sum(n > args.max_length for n in dataset.lengths)
-        if too_long:
-            log(f"warning: {too_long} {'training' if is_train else 'validation'} entries are longer "
-                f"than --max-length {args.max_length} tokens and are cut to it")
-        loaders.append(make_loader(dataset, args.batch_size, shuffle=is_train, drop_last=is_train,
-                                   seed=args.seed, mask_prompt=args.mask_prompt,
-                                   allowed_max_length=args.max_length,
-                                   group_by_length=not args.no_length_grouping,
-                                   pad_to_multiple=args.pad_multiple,
-                                   pin_memory=device.type == "cuda"))
-    return loaders, (train_data, val_data, test_data)
-
-
-# ---- command line --------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Fine-tune GPT-2 (or train the tiny preset from scratch) "
-                                "to follow instructions.")
-    p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small",
-                   help="preset (gpt2-small); 'tiny' is offline: the 7M model pretrained by "
-                        "data/pretrain_tiny.py; others load OpenAI's GPT-2 weights")
-    p.add_argument("--weights", help="local model.safetensors (or .pt state dict); no download")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="random initial weights instead of pretrained ones (tiny: 15 epochs)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="instruction data: JSON file or http(s) URL")
-    p.add_argument("--prompt-style", choices=("alpaca", "phi3"), default="alpaca",
-                   help="prompt format (alpaca)")
-    p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,
-                   help="learn only the response: prompt targets become -100 "
-                        "(book: off; tiny: on)")
-    p.add_argument("--epochs", type=int, help="passes over the training split (book: 2; tiny: 6)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--batch-size", type=int, help="entries per step (8)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (book: 5e-5; tiny: 7e-4)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.1)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
-                   help="constant, or cosine decay to lr/10 by the last step "
-                        "(book: constant; tiny: cosine)")
-    p.add_argument("--warmup-steps", type=int,
-                   help="raise the learning rate linearly from 0 over N steps (book: 0; tiny: 20)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (book: 5; tiny: 25)")
-    p.add_argument("--eval-batches", type=int, help="batches per loss estimate (5)")
-    p.add_argument("--patience", type=int,
-                   help="stop after N evaluations without a new best validation loss (0: never)")
-    p.add_argument("--max-length", type=int,
-                   help="cut training rows to N tokens (default: the model's context length)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast where the hardware does it fast; or force one")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="where to train (auto: cuda, then mps, then cpu)")
-    p.add_argument("--seed", type=int, default=123, help="seed for initialisation and shuffling (123)")
-    p.add_argument("--out-dir", default="out", help="where outputs and checkpoints go (out)")
-    p.add_argument("--save-every", type=parse_every, default=(0, "steps"), metavar="N|Nm",
-                   help="also write a checkpoint every N steps or N minutes (0: only at epoch "
-                        "ends and Ctrl-C)")
-    p.add_argument("--no-checkpoint", action="store_true",
-                   help="no checkpoint at epoch ends (each is the size of the model and AdamW's "
-                        "state: 2.1 GB for gpt2-small); Ctrl-C still writes one")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit for the test set (256)")
-    p.add_argument("--untied-head", action="store_true",
-                   help="an output head of its own, as the book's GPTModel (GPT-2 ties it to the "
-                        "token embedding); costs one more 50257-row matrix and its AdamW state")
-    p.add_argument("--keep-last", action="store_true",
-                   help="keep the last weights, as the book, not those of the best validation loss")
-    p.add_argument("--full-head", action="store_true",
-                   help="run the output head on every position, as the book (slower)")
-    p.add_argument("--no-length-grouping", action="store_true",
-                   help="plain shuffled batches instead of length-grouped ones (slower)")
-    p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
-                   help=f"pad each batch's length to a multiple of N ({PAD_MULTIPLE}; 1: the book's "
-                        f"longest-entry padding)")
-    p.add_argument("--lora-rank", type=int, default=0,
-                   help="train LoRA adapters of this rank instead of every weight (0: full "
-                        "fine-tuning); model.pt gets them merged in (see lora.py)")
-    p.add_argument("--lora-alpha", type=float, default=16.0,
-                   help="LoRA scale: the update is alpha * x @ A @ B, as the book (16)")
-    p.add_argument("--lora-targets", nargs="+", metavar="LAYER",
-                   help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
-    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile the loss (model and head) with BACKEND (inductor)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard weights, gradients and AdamW's state over the "
-                        "processes (FSDP2, one group per transformer block) instead of DDP")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
-                   help="under torchrun: a rank waiting this long for the others fails (30)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    p.add_argument("--quiet", action="store_true", help="print only errors")
-    return fill_defaults(p.parse_args(argv))
 
 
 def main(argv=None) -> None:

@@ -29,8 +29,8 @@ from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
 import train as train_module  # noqa: E402
 from fastpath import (AdamWInBackward, chunked_head_loss, recast_saved_weights,  # noqa: E402
                       release_free_memory)
-from train import (DEFAULT_DATA, PAD_MULTIPLE, calc_loss_batch, make_autocast,  # noqa: E402
-                   make_optimizer, train_step, use_bf16)
+from recipe import DEFAULT_DATA, PAD_MULTIPLE, make_autocast, use_bf16  # noqa: E402
+from train import calc_loss_batch, make_optimizer, train_step  # noqa: E402
 
 GIB = 2**30
 # train.py's default step, and each way to change it: the flags of this script (train.py has the

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import GIB, bench_batches, busy_cpu_seconds, peak_rss  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
-from train import (DEFAULT_DATA, PAD_MULTIPLE, make_autocast, make_optimizer,  # noqa: E402
-                   train_step, use_bf16)
+from recipe import DEFAULT_DATA, PAD_MULTIPLE, make_autocast, use_bf16  # noqa: E402
+from train import make_optimizer, train_step  # noqa: E402
 
 import dpo  # noqa: E402
 import lora  # noqa: E402

@@ -30,7 +30,7 @@ from data import InstructionDataset, get_tokenizer, load_data, split_data  # noq
 from export import hf_tensors, write_safetensors  # noqa: E402
 from generate import encode_prompts, generate, generate_responses  # noqa: E402
 from gpt import GPTModel, load_weights, model_config  # noqa: E402
-from train import DEFAULT_DATA, make_autocast, use_bf16  # noqa: E402
+from recipe import DEFAULT_DATA, make_autocast, use_bf16  # noqa: E402
 
 EOS = 50256
 

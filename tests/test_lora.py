@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 import lora
+import recipe
 import train
 from data import load_data
 from gpt import GPTModel, load_model, model_config, read_checkpoint, save_model
@@ -80,7 +81,7 @@ def test_training_changes_only_the_adapters_and_they_alone_have_optimizer_state(
     assert opt.param_groups[0]["params"] == trainable  # frozen weights get no AdamW state
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inputs, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
-    autocast = train.make_autocast(torch.device("cpu"), bf16=False)
+    autocast = recipe.make_autocast(torch.device("cpu"), bf16=False)
     for _ in range(3):
         train.train_step(model, opt, inputs, targets, "cpu", autocast)
     after = model.state_dict()
@@ -132,7 +133,7 @@ def test_train_lora_checkpoint_holds_only_adapters_resumes_and_saves_a_merged_mo
     ckpt = read_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert ckpt["format"] == "gpt2-instruct-lora-checkpoint" and "model" not in ckpt
     assert all(name.endswith((".A", ".B")) for name in ckpt["lora"])
-    assert ckpt["base"]["path"] == str(train.TINY_PRETRAINED)  # tiny: the shipped pretrained file
+    assert ckpt["base"]["path"] == str(recipe.TINY_PRETRAINED)  # tiny: the shipped pretrained file
     assert len(ckpt["base"]["sha256"]) == 64
     assert len(ckpt["optimizer"]["state"]) == len(ckpt["lora"])
 
@@ -143,7 +144,7 @@ def test_train_lora_checkpoint_holds_only_adapters_resumes_and_saves_a_merged_mo
     assert [h["step"] for h in metrics["history"]] == [0, 2, 4, 6]
     model, cfg = load_model(tmp_path / "out" / "model.pt")  # plain, merged
     assert cfg["name"] == "tiny" and model.out_head.weight is model.tok_emb.weight
-    base, _ = load_model(train.TINY_PRETRAINED)  # the base differs from the merged model
+    base, _ = load_model(recipe.TINY_PRETRAINED)  # the base differs from the merged model
     assert not torch.equal(base.trf_blocks[0].ff.fc.weight, model.trf_blocks[0].ff.fc.weight)
 
 

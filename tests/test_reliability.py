@@ -24,6 +24,8 @@ import torch
 import data
 import generate
 import gpt
+import checkpoint
+import recipe
 import train
 from collate import make_loader
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, write_json
@@ -59,7 +61,7 @@ def alarm(seconds: int):
 def loader_args(max_length: int) -> SimpleNamespace:
     return SimpleNamespace(max_length=max_length, batch_size=1, prompt_style="alpaca", seed=1,
                            mask_prompt=False, no_length_grouping=False,
-                           pad_multiple=train.PAD_MULTIPLE)
+                           pad_multiple=recipe.PAD_MULTIPLE)
 
 
 def data_with_one_long_entry(extra_tokens: int) -> tuple[list[dict], int, list[int]]:
@@ -79,7 +81,7 @@ def data_with_one_long_entry(extra_tokens: int) -> tuple[list[dict], int, list[i
 def test_entry_longer_than_max_length_is_kept_counted_and_cut():
     entries, max_length, ids = data_with_one_long_entry(30)
     logs = []
-    (train_loader, _), (train_data, _, _) = train.prepare_loaders(
+    (train_loader, _), (train_data, _, _) = recipe.prepare_loaders(
         loader_args(max_length), entries, get_tokenizer(), torch.device("cpu"), logs.append)
     assert entries[0] in train_data
     assert any(f"1 training entries are longer than --max-length {max_length}" in line
@@ -92,7 +94,7 @@ def test_entry_longer_than_max_length_is_kept_counted_and_cut():
 def test_entry_one_token_too_long_is_counted_too():
     entries, max_length, ids = data_with_one_long_entry(1)
     logs = []
-    (train_loader, _), _ = train.prepare_loaders(loader_args(max_length), entries,
+    (train_loader, _), _ = recipe.prepare_loaders(loader_args(max_length), entries,
                                                  get_tokenizer(), torch.device("cpu"), logs.append)
     (targets,) = [t[0].tolist() for inputs, t in train_loader if inputs[0].tolist() == ids[:-1]]
     assert 50256 not in targets  # the stop signal was cut off ...
@@ -144,7 +146,7 @@ def test_pickles_are_refused_everywhere_and_never_run(tmp_path, kind):
     path, model = pickle_files(tmp_path)[kind], GPTModel(SMALL)
     optimizer = torch.optim.AdamW(model.parameters())
     loaders = [lambda: load_weights(model, path), lambda: load_model(path),
-               lambda: train.load_checkpoint(path, model, optimizer, dict(SMALL, name="small"))]
+               lambda: checkpoint.load_checkpoint(path, model, optimizer, dict(SMALL, name="small"))]
     if kind != "zip":  # where a .safetensors file is expected
         loaders.append(lambda: load_gpt2(GPTModel(SMALL), path))
     for load in loaders:
@@ -193,7 +195,7 @@ def test_malformed_model_file_is_one_value_error(tmp_path, changes, message):
 def damaged_checkpoint(tmp_path, edit) -> Path:
     model = GPTModel(SMALL)
     path = tmp_path / "checkpoint.pt"
-    train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), train.RunState(),
+    checkpoint.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), checkpoint.RunState(),
                           {}, dict(SMALL, name="small"))
     ckpt = torch.load(path, weights_only=True)
     edit(ckpt)
@@ -212,7 +214,7 @@ def test_damaged_training_checkpoint_is_one_value_error(tmp_path, edit):
     path = damaged_checkpoint(tmp_path, edit)
     model = GPTModel(SMALL)
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        train.load_checkpoint(path, model, torch.optim.AdamW(model.parameters()),
+        checkpoint.load_checkpoint(path, model, torch.optim.AdamW(model.parameters()),
                               dict(SMALL, name="small"))
 
 
@@ -220,11 +222,11 @@ def test_resume_from_another_preset_names_both(tmp_path):
     model = GPTModel(SMALL)
     opt = torch.optim.AdamW(model.parameters())
     path = tmp_path / "checkpoint.pt"
-    train.save_checkpoint(path, model, opt, train.RunState(), {},
+    checkpoint.save_checkpoint(path, model, opt, checkpoint.RunState(), {},
                           dict(model_config("gpt2-medium"), name="gpt2-medium"))
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"another model.*gpt2-medium.*tiny"):
-        train.load_checkpoint(path, model, opt, dict(model_config("tiny"), name="tiny"))
+        checkpoint.load_checkpoint(path, model, opt, dict(model_config("tiny"), name="tiny"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing loaded
 
 
@@ -240,9 +242,9 @@ def test_truncated_cached_gpt2_file_is_never_used_but_fetched_again(tmp_path, mo
         fetched.append(url)
         path.write_bytes(good)
         return path
-    monkeypatch.setattr(train, "download", fake_download)
-    path = train.download_gpt2("gpt2-small", cache_dir=tmp_path)
-    assert fetched == [train.gpt2_url("gpt2-small")] and path.read_bytes() == good
+    monkeypatch.setattr(recipe, "download", fake_download)
+    path = recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    assert fetched == [recipe.gpt2_url("gpt2-small")] and path.read_bytes() == good
     assert "downloading it again" in capsys.readouterr().err
     load_weights(GPTModel(SMALL), path)
 
@@ -304,12 +306,12 @@ def test_gpt2_download_cut_short_leaves_no_model_and_the_next_run_resumes(server
                                                                         monkeypatch):
     server.body = safetensors_bytes(hf_gpt2_tensors(SMALL))
     server.drop_after = len(server.body) // 2
-    monkeypatch.setattr(train, "gpt2_url", lambda name: server.url + "/model.safetensors")
+    monkeypatch.setattr(recipe, "gpt2_url", lambda name: server.url + "/model.safetensors")
     with pytest.raises(FileNotFoundError, match="run again to resume.*--weights PATH"):
-        train.download_gpt2("gpt2-small", cache_dir=tmp_path)
+        recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert names(tmp_path / "gpt2") == ["model.safetensors.part"]
     server.drop_after = None
-    path = train.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    path = recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert server.seen[-1] == f"bytes={len(server.body) // 2}-"
     assert names(tmp_path / "gpt2") == ["model.safetensors"]
     load_gpt2(GPTModel(SMALL), path)
@@ -356,7 +358,7 @@ def write_model(path):
 
 def write_checkpoint(path):
     model = GPTModel(SMALL)
-    train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), train.RunState(),
+    checkpoint.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), checkpoint.RunState(),
                           {}, SMALL)
 
 
@@ -426,13 +428,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     path, saved = tmp_path / "checkpoint.pt", []
 
     def save(state, best):
-        train.save_checkpoint(path, model, opt, state, best, cfg)
+        checkpoint.save_checkpoint(path, model, opt, state, best, cfg)
         saved.append(state.step)
     args = SimpleNamespace(epochs=1, max_steps=0, eval_every=2, eval_batches=1, save_every=(1, "steps"),
                            patience=0, full_head=False)
     with pytest.raises(ValueError, match="loss became nan at step 4"):
         train.train_model(model, opt, loader, val_loader, torch.device("cpu"), args,
-                          train.RunState(), train.copy_weights(model), contextlib.nullcontext,
+                          checkpoint.RunState(), checkpoint.copy_weights(model), contextlib.nullcontext,
                           nan_at_step_4, save, save, log=lambda *a: None)
     kept = torch.load(path, weights_only=True)
     assert saved == [1, 2, 3] and kept["state"]["step"] == 3

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from functools import partial
 
+import checkpoint
+import recipe
 import train
 from collate import custom_collate_fn, make_loader
 from data import InstructionDataset, get_tokenizer, load_data
@@ -91,27 +93,27 @@ def test_a_batch_without_targets_gives_zero_loss_not_nan():
 
 
 def test_save_every_takes_steps_or_minutes():
-    assert train.parse_every("200") == (200, "steps")
-    assert train.parse_every("1.5m") == (1.5, "minutes")
+    assert checkpoint.parse_every("200") == (200, "steps")
+    assert checkpoint.parse_every("1.5m") == (1.5, "minutes")
     with pytest.raises(argparse.ArgumentTypeError):
-        train.parse_every("ten")
-    assert train.save_due((200, "steps"), 400, 0.0) and not train.save_due((200, "steps"), 401, 1e9)
-    assert train.save_due((1.5, "minutes"), 7, 90.0)
-    assert not train.save_due((1.5, "minutes"), 7, 89.0)
-    assert not train.save_due((0, "steps"), 0, 1e9)
+        checkpoint.parse_every("ten")
+    assert checkpoint.save_due((200, "steps"), 400, 0.0) and not checkpoint.save_due((200, "steps"), 401, 1e9)
+    assert checkpoint.save_due((1.5, "minutes"), 7, 90.0)
+    assert not checkpoint.save_due((1.5, "minutes"), 7, 89.0)
+    assert not checkpoint.save_due((0, "steps"), 0, 1e9)
 
 
 def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(SMALL)
     opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
-    best = {k: v + 1 for k, v in train.copy_weights(model).items()}
+    best = {k: v + 1 for k, v in checkpoint.copy_weights(model).items()}
     for best_step, stored in ((3, False), (2, True)):
-        state = train.RunState(step=3, best_step=best_step, history=[{"step": 3}])
-        train.save_checkpoint(tmp_path / "c.pt", model, opt, state, best, SMALL)
+        state = checkpoint.RunState(step=3, best_step=best_step, history=[{"step": 3}])
+        checkpoint.save_checkpoint(tmp_path / "c.pt", model, opt, state, best, SMALL)
         kept = torch.load(tmp_path / "c.pt", weights_only=True)["best_weights"]
         assert (kept is not None) == stored
-        _, loaded = train.load_checkpoint(tmp_path / "c.pt", GPTModel(SMALL), opt, SMALL)
+        _, loaded = checkpoint.load_checkpoint(tmp_path / "c.pt", GPTModel(SMALL), opt, SMALL)
         want = best if stored else model.state_dict()
         assert all(torch.equal(loaded[k], want[k]) for k in want)
 
@@ -129,11 +131,11 @@ def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
         model = GPTModel(model_config("tiny"))
         opt = train.make_optimizer(model, 1e-3, 0.1, cpu)
         losses[fast] = []
-        autocast = train.make_autocast(cpu, bf16=fast)
+        autocast = recipe.make_autocast(cpu, bf16=fast)
         loss_fn = train.calc_loss_batch if fast else partial(train.calc_loss_batch, full_head=True)
         for j in range(0, 160, 8):
             inputs, targets = custom_collate_fn([ds[i] for i in range(j, j + 8)],
-                                                pad_to_multiple=train.PAD_MULTIPLE if fast else 1)
+                                                pad_to_multiple=recipe.PAD_MULTIPLE if fast else 1)
             loss, _ = train.train_step(model, opt, inputs, targets, cpu, autocast, loss_fn)
             losses[fast].append(loss)
     gaps = [abs(fast - plain) / plain for plain, fast in zip(losses[False], losses[True])]
@@ -145,7 +147,7 @@ def test_the_step_updates_the_weights_in_optimizer_step_not_in_backward():
     model = GPTModel(SMALL)
     opt = train.make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
     inputs, targets = torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (2, 6))
-    before = train.copy_weights(model)
+    before = checkpoint.copy_weights(model)
     loss = train.calc_loss_batch(inputs, targets, model, "cpu")
     loss.backward()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -311,7 +313,7 @@ def test_resume_with_a_checkpoint_of_another_model_is_refused(tmp_path):
     out.mkdir()
     other = GPTModel(SMALL)
     opt = torch.optim.AdamW(other.parameters())
-    train.save_checkpoint(out / "checkpoint.pt", other, opt, train.RunState(), {},
+    checkpoint.save_checkpoint(out / "checkpoint.pt", other, opt, checkpoint.RunState(), {},
                           dict(SMALL, name="small-test"))
     result = run_train(tmp_path, "--resume", check=False)
     assert result.returncode == 2 and "checkpoint is for another model" in result.stderr
@@ -330,17 +332,17 @@ def test_help_explains_every_flag():
 def test_download_gpt2_offline_names_both_ways_forward(tmp_path, monkeypatch):
     def refuse(url, dest, **kw):
         raise OSError(f"cannot reach {url}")
-    monkeypatch.setattr(train, "download", refuse)
+    monkeypatch.setattr(recipe, "download", refuse)
     with pytest.raises(FileNotFoundError, match="--weights PATH.*--model tiny"):
-        train.download_gpt2("gpt2-small", cache_dir=tmp_path)
+        recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
 
 
 def test_download_gpt2_uses_a_cached_file_without_network(tmp_path, monkeypatch):
     dest = tmp_path / "gpt2" / "model.safetensors"
     dest.parent.mkdir()
     dest.write_bytes(safetensors_bytes(hf_gpt2_tensors(SMALL)))
-    monkeypatch.setattr(train, "download", lambda *a, **k: pytest.fail("network used"))
-    assert train.download_gpt2("gpt2-small", cache_dir=tmp_path) == dest
+    monkeypatch.setattr(recipe, "download", lambda *a, **k: pytest.fail("network used"))
+    assert recipe.download_gpt2("gpt2-small", cache_dir=tmp_path) == dest
 
 
 def test_a_checkpoint_save_streams_to_disk_without_a_copy_in_memory(tmp_path):
@@ -349,7 +351,7 @@ def test_a_checkpoint_save_streams_to_disk_without_a_copy_in_memory(tmp_path):
     code = f"""
 import resource, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import train
+import checkpoint, train
 from gpt import GPTModel
 cfg = dict(vocab_size=50257, context_length=64, emb_dim=512, n_heads=8, n_layers=4,
            drop_rate=0.0, qkv_bias=True)
@@ -359,7 +361,7 @@ model(torch.randint(0, 50257, (1, 8))).sum().backward()
 opt.step()
 opt.zero_grad()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-train.save_checkpoint({str(tmp_path / 'c.pt')!r}, model, opt, train.RunState(), {{}}, cfg)
+checkpoint.save_checkpoint({str(tmp_path / 'c.pt')!r}, model, opt, checkpoint.RunState(), {{}}, cfg)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(before, after)
 """
@@ -396,42 +398,42 @@ def test_train_model_sets_each_steps_rate_from_the_schedule():
         return train.calc_loss_batch(inputs, targets, model, device)
     args = SimpleNamespace(epochs=2, max_steps=0, eval_every=100, eval_batches=1, save_every=(0, "steps"),
                            patience=0, lr_schedule="cosine", warmup_steps=2)
-    train.train_model(model, opt, loader, loader, torch.device("cpu"), args, train.RunState(),
-                      train.copy_weights(model), contextlib.nullcontext, recording_loss,
+    train.train_model(model, opt, loader, loader, torch.device("cpu"), args, checkpoint.RunState(),
+                      checkpoint.copy_weights(model), contextlib.nullcontext, recording_loss,
                       lambda *a: None, lambda *a: None, log=lambda *a: None)
     assert seen == pytest.approx([train.lr_at(s, 1e-2, 8, "cosine", 2) for s in range(8)])
 
 
 def test_tiny_defaults_and_the_books_stay_apart():
-    book, tiny = train.parse_args([]), train.parse_args(["--model", "tiny"])
+    book, tiny = recipe.parse_args([]), recipe.parse_args(["--model", "tiny"])
     assert (book.lr, book.epochs, book.lr_schedule, book.warmup_steps, book.mask_prompt) == \
         (5e-5, 2, "constant", 0, False)
     assert (tiny.lr_schedule, tiny.mask_prompt) == ("cosine", True)
-    assert train.parse_args(["--model", "tiny", "--no-mask-prompt"]).mask_prompt is False
-    assert train.parse_args(["--mask-prompt"]).mask_prompt is True
-    scratch = train.parse_args(["--model", "tiny", "--from-scratch"])
+    assert recipe.parse_args(["--model", "tiny", "--no-mask-prompt"]).mask_prompt is False
+    assert recipe.parse_args(["--mask-prompt"]).mask_prompt is True
+    scratch = recipe.parse_args(["--model", "tiny", "--from-scratch"])
     assert (scratch.epochs, scratch.lr, scratch.lr_schedule, scratch.mask_prompt) == \
         (15, 1e-3, "constant", False)
 
 
 def test_the_committed_tiny_model_is_the_pretrained_one_and_train_loads_it():
-    raw = train.TINY_PRETRAINED.read_bytes()
+    raw = recipe.TINY_PRETRAINED.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == \
         "c6af17f52abf379a59a4ef95707c98d5a284a5149084d3ddd7a2427527c0ff76"
     assert len(raw) < 30_000_000  # the issue's size limit for shipped weights
-    saved = torch.load(train.TINY_PRETRAINED, weights_only=True)
+    saved = torch.load(recipe.TINY_PRETRAINED, weights_only=True)
     assert saved["config"]["name"] == "tiny"
-    model, cfg = train.build_model(train.parse_args(["--model", "tiny"]), log=lambda *a: None)
+    model, cfg = recipe.build_model(recipe.parse_args(["--model", "tiny"]), log=lambda *a: None)
     assert cfg["name"] == "tiny"
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved["state_dict"][name].float(), msg=name)
 
 
 def test_from_scratch_never_reads_the_pretrained_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "TINY_PRETRAINED", tmp_path / "missing.pt")
+    monkeypatch.setattr(recipe, "TINY_PRETRAINED", tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError):
-        train.build_model(train.parse_args(["--model", "tiny"]), log=lambda *a: None)
-    model, _ = train.build_model(train.parse_args(["--model", "tiny", "--from-scratch"]),
+        recipe.build_model(recipe.parse_args(["--model", "tiny"]), log=lambda *a: None)
+    model, _ = recipe.build_model(recipe.parse_args(["--model", "tiny", "--from-scratch"]),
                                  log=lambda *a: None)
     torch.manual_seed(123)  # the run's seed: the same random start as GPTModel on its own
     torch.testing.assert_close(model.state_dict(), GPTModel(model_config("tiny")).state_dict())
