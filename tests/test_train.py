@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from functools import partial
 
 import train
+from child_io import FRESH_TORCH_S, LineReader, quiet_env, terminal_ctrl_c
 from collate import custom_collate_fn
 from data import InstructionDataset, get_tokenizer, load_data
 from gpt import GPTModel, load_model, model_config
@@ -254,12 +255,16 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     data = write_slice(tmp_path, 60)
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data", str(data),
            "--batch-size", "4", "--out-dir", str(tmp_path / "b"), *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:  # interrupt once the run is a few steps in
-        if line.startswith("ep") and " step     4/" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    proc.communicate(timeout=120)
+    # without PYTHONUNBUFFERED the line reaches the pipe mid-run only if train.py flushes it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env=quiet_env(), preexec_fn=terminal_ctrl_c)
+    try:  # interrupt once the run is a few steps in
+        LineReader(proc.stdout).wait_for(lambda line: line.startswith("ep") and " step     4/" in line)
+        assert proc.poll() is None  # the run is still going
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=FRESH_TORCH_S)
+    finally:
+        proc.kill()
     assert proc.returncode == 130
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -274,6 +279,23 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     final_b, _ = load_model(tmp_path / "b" / "model.pt")  # the best weights survived the restart
     for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_log_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
+    """`python train.py | tee log` shows each line as it is printed, not at exit."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data",
+           str(write_slice(tmp_path, 60)), "--batch-size", "2", "--max-steps", "1000",
+           "--eval-every", "1", "--eval-batches", "1", "--no-generate", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env=quiet_env())
+    try:
+        reader = LineReader(proc.stdout)
+        reader.wait_for(lambda line: line.startswith("settings: model tiny"))
+        reader.wait_for(lambda line: line.startswith("ep") and " step     2/" in line)
+        assert proc.poll() is None  # 1000 steps are far from done
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("extra,message", [
