@@ -116,8 +116,9 @@ def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tm
 
 def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
     """The default step (bf16 autocast, padded batches, head-only loss, attention kernel per
-    batch) stays within 1 % of the book's fp32 full-head step for 20 steps from the same
-    weights over the same rows (0.34 % was the largest gap measured on gpt2-small)."""
+    batch) stays within 0.1 % of the book's fp32 full-head step for 20 steps from the same
+    weights over the same rows: the largest gap measured here was 0.0155 % (0.34 % on
+    gpt2-small), so a bf16 slip that changes the loss by more than ~6x that fails."""
     data = load_data(str(ROOT / "data" / "instruction-data.json"))[:160]
     ds = InstructionDataset(data, get_tokenizer())
     losses = {}
@@ -135,7 +136,7 @@ def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
             loss, _ = train.train_step(model, opt, inputs, targets, cpu, autocast, loss_fn)
             losses[fast].append(loss)
     gaps = [abs(fast - plain) / plain for plain, fast in zip(losses[False], losses[True])]
-    assert max(gaps) < 0.01 and losses[True][-1] < losses[True][0] - 1.0
+    assert max(gaps) < 0.001 and losses[True][-1] < losses[True][0] - 1.0
 
 
 def test_the_step_updates_the_weights_in_optimizer_step_not_in_backward():
