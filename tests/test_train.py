@@ -114,6 +114,7 @@ def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tm
         assert all(torch.equal(loaded[k], want[k]) for k in want)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
     """The default step (bf16 autocast, padded batches, head-only loss, attention kernel per
     batch) stays within 0.1 % of the book's fp32 full-head step for 20 steps from the same
@@ -248,6 +249,7 @@ def test_early_stopping_when_validation_never_improves(tmp_path):
     assert metrics["best_step"] == 0 and metrics["steps"] == 2
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     common = ["--epochs", "2", "--eval-every", "2", "--no-generate", "--patience", "0"]
     full = run_train(tmp_path / "a", *common, data=write_slice(tmp_path, 60))
@@ -283,20 +285,25 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
 
 
 def test_log_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
-    """`python train.py | tee log` shows each line as it is printed, not at exit."""
+    """`python train.py | tee log` shows each line as it is printed, not at exit. The run prints
+    a few short lines and then trains for minutes printing one short line per epoch of 255
+    steps (--eval-every past --max-steps), so unflushed lines would sit in the 8 KB buffer
+    until long after the wait ends."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data",
-           str(write_slice(tmp_path, 60)), "--batch-size", "2", "--max-steps", "1000",
-           "--eval-every", "1", "--eval-batches", "1", "--no-generate", "--out-dir", str(tmp_path)]
+           str(write_slice(tmp_path, 600)), "--batch-size", "2", "--epochs", "10000",
+           "--max-steps", "100000", "--eval-every", "200000", "--eval-batches", "1", "--no-generate",
+           "--out-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=ROOT, env=quiet_env())
     try:
         reader = LineReader(proc.stdout)
         reader.wait_for(lambda line: line.startswith("settings: model tiny"))
-        reader.wait_for(lambda line: line.startswith("ep") and " step     2/" in line)
-        assert proc.poll() is None  # 1000 steps are far from done
+        reader.wait_for(lambda line: line.startswith("ep 1 step     0/"), timeout=150)
+        assert proc.poll() is None  # 100000 steps are far from done
     finally:
         proc.kill()
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it was still running when killed
 
 
 @pytest.mark.parametrize("extra,message", [
