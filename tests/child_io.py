@@ -40,7 +40,7 @@ class LineReader:
             except queue.Empty:
                 raise AssertionError(f"no matching line within {timeout} s; seen: {self.seen[-5:]}")
             if line is None:
-                raise AssertionError(f"the stream ended with no matching line; seen: {self.seen[-5:]}")
+                raise AssertionError(f"the stream ended, no matching line; seen: {self.seen[-5:]}")
             self.seen.append(line)
             if predicate(line):
                 return line

@@ -257,7 +257,8 @@ def test_cli_interactive_loop_reads_stdin_until_end(tiny_model_path):
                      stdin="Name a color.\n\n  \nWhat is 2+2?\n")  # blank lines are skipped
     assert result.returncode == 0, result.stderr
     model = lively_tiny()
-    expected = [book_answer(model, PHI3.format(q, ""), 3) for q in ("Name a color.", "What is 2+2?")]
+    expected = [book_answer(model, PHI3.format(q, ""), 3)
+                for q in ("Name a color.", "What is 2+2?")]
     assert result.stdout == "".join(r + "\n" for r in expected) and expected[0] != expected[1]
 
 

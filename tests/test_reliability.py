@@ -247,7 +247,8 @@ def test_truncated_cached_gpt2_file_is_never_used_but_fetched_again(tmp_path, mo
         return path
     monkeypatch.setattr(train, "download", fake_download)
     path = train.download_gpt2("gpt2-small", cache_dir=tmp_path)
-    assert fetched == ["https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors"]
+    assert fetched == ["https://huggingface.co/openai-community/gpt2/resolve/main/"
+                       "model.safetensors"]
     assert path.read_bytes() == good
     assert "downloading it again" in capsys.readouterr().err
     load_weights(GPTModel(SMALL), path)

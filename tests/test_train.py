@@ -262,7 +262,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=ROOT, env=quiet_env(), preexec_fn=terminal_ctrl_c)
     try:  # interrupt once the run is a few steps in
-        LineReader(proc.stdout).wait_for(lambda line: line.startswith("ep") and " step     4/" in line)
+        LineReader(proc.stdout).wait_for(lambda line: line.startswith("ep")
+                                         and " step     4/" in line)
         assert proc.poll() is None  # the run is still going
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=FRESH_TORCH_S)
@@ -291,8 +292,8 @@ def test_log_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
     until long after the wait ends."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data",
            str(write_slice(tmp_path, 600)), "--batch-size", "2", "--epochs", "10000",
-           "--max-steps", "100000", "--eval-every", "200000", "--eval-batches", "1", "--no-generate",
-           "--out-dir", str(tmp_path)]
+           "--max-steps", "100000", "--eval-every", "200000", "--eval-batches", "1",
+           "--no-generate", "--out-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=ROOT, env=quiet_env())
     try:
