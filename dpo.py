@@ -369,7 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    log = (lambda *a, **k: None) if args.quiet else print
+    log = (lambda *a, **k: None) if args.quiet else partial(print, flush=True)  # seen as it happens
     out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
     check_out_dir(out_dir)
     data = load_preferences(args.data)

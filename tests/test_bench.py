@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from child_io import FRESH_TORCH_S
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
 
@@ -22,7 +24,7 @@ def load_bench():
 def test_tiny_run_prints_throughput_step_time_and_memory(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--steps", "2",
                           "--warmup", "1", "--skip-inference", "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=FRESH_TORCH_S)
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if l.startswith("training ("))
     assert re.search(r"\d+\.\d target tokens/s, \d+\.\d\d s/step", line)
@@ -35,7 +37,7 @@ def test_tiny_run_prints_throughput_step_time_and_memory(tmp_path):
 def test_the_old_default_runs_through_every_fastpath_trick(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--steps", "1",
                           "--warmup", "1", "--skip-inference", "--old-default"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=FRESH_TORCH_S)
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if l.startswith("training ("))
     for piece in ("chunked head loss", "weights recast in backward",

@@ -190,11 +190,15 @@ def small_dataset(n=20):
 
 def test_loader_batches_and_resumes_deterministically():
     ds = small_dataset()
-    loader = make_loader(ds, 4, shuffle=True, drop_last=True, seed=5)
-    loader.batch_sampler.set_epoch(2)
-    first = [(x.clone(), y.clone()) for x, y in loader]
-    again = list(loader)
-    assert len(first) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    def epoch_batches(epoch):  # a fresh loader each time, as a resumed process builds it
+        loader = make_loader(ds, 4, shuffle=True, drop_last=True, seed=5)
+        loader.batch_sampler.set_epoch(epoch)
+        return list(loader)
+    first, again, other = epoch_batches(2), epoch_batches(2), epoch_batches(3)
+    assert len(first) == len(again) == 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not all(a[0].shape == b[0].shape and torch.equal(a[0], b[0])
+                   for a, b in zip(first, other))  # another epoch, another order
     assert all(x.shape == y.shape and x.shape[0] == 4 for x, y in first)
 
 

@@ -12,6 +12,7 @@ import data
 from data import (InstructionDataset, atomic_write_bytes, cli_main, download, format_input,
                   format_response, get_tokenizer, load_data, response_header, split_data,
                   write_json)
+from child_io import FRESH_TORCH_S
 from local_server import local_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,6 +396,6 @@ def test_bad_data_through_a_real_command_line(tmp_path):
     path = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
     code = f"from data import cli_main, load_data; cli_main(lambda: load_data({path!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60)
+                            cwd=ROOT, timeout=FRESH_TORCH_S)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {path}: entry 1 has no 'output' field\n"

@@ -11,6 +11,7 @@ import torch
 
 import dpo
 import lora
+from child_io import FRESH_TORCH_S, LineReader, quiet_env, terminal_ctrl_c
 from gpt import GPTModel, load_model, read_checkpoint, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +162,7 @@ def test_dpo_run_writes_every_output(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_dpo_with_lora_checkpoints_adapters_resumes_and_saves_a_plain_model(tmp_path):
     write_inputs(tmp_path)
     run_dpo(tmp_path, "--lora-rank", "2", "--max-steps", "2", "--save-every", "2", "--no-generate")
@@ -192,7 +194,7 @@ def test_bad_preference_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
 def test_make_preferences_regenerates_the_committed_file_byte_for_byte(tmp_path):
     script = ROOT / "data" / "make_preferences.py"
     out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "p.json")],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=FRESH_TORCH_S)
     assert out.returncode == 0, out.stderr
     committed = ROOT / "data" / "preference-data.json"
     assert (tmp_path / "p.json").read_bytes() == committed.read_bytes()
@@ -223,13 +225,17 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
            "--data", str(tmp_path / "prefs.json"), "--out-dir", str(tmp_path / "out"),
            "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1", "--max-steps", "4",
            "--no-generate"]
+    # without PYTHONUNBUFFERED the line reaches the pipe mid-run only if dpo.py flushes it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
-    for line in proc.stdout:  # interrupt once the first evaluation is printed
-        if line.startswith("ep 1 step    0/4"):
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=120)
+                            cwd=ROOT, env=quiet_env(), preexec_fn=terminal_ctrl_c)
+    try:  # interrupt once the first evaluation is printed
+        LineReader(proc.stdout).wait_for(lambda line: line.startswith("ep 1 step    0/4"))
+        assert proc.poll() is None  # the run is still going
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=FRESH_TORCH_S)
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and "continue with --resume" in err
     assert (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "model.pt").exists()
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -149,3 +149,34 @@ def test_predictions_mode_scores_without_a_model(tmp_path, capsys):
     preds.write_text(json.dumps({"astronomy": ["A", 2]}))
     r = run_here(capsys, "mmlu", tmp_path, "--predictions", preds)
     assert r.returncode == 2 and "p.json: astronomy[1]: expected a string" in r.stderr
+
+
+def test_mmlu_answers_read_the_last_position_of_each_own_prompt(tmp_path):
+    """A random model with lively weights answers by the prompt (not always one letter); each
+    expected letter comes from the book's full forward pass on the prompt written out by hand."""
+    import torch
+
+    from data import get_tokenizer
+    from gpt import GPTModel, model_config
+    torch.manual_seed(3)
+    model = GPTModel(model_config("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    tok = get_tokenizer()
+    questions = [(f"Which color is thing number {k}?", "A") for k in range(8)]
+    write_csv(tmp_path / "test" / "astronomy_test.csv",
+              [[q, "red", "green", "blue", "black", a] for q, a in questions])
+    answers = mmlu.mmlu_answers(model, tok, mmlu.load_mmlu(tmp_path, shots=0), 256,
+                                progress=False)["astronomy"]
+    letter_ids = [tok.encode(f" {c}")[0] for c in "ABCD"]
+    expected = []
+    for q, _ in questions:
+        text = ("The following are multiple choice questions (with answers) about astronomy.\n\n"
+                f"{q}\nA. red\nB. green\nC. blue\nD. black\nAnswer:")
+        with torch.no_grad():
+            logits = model(torch.tensor([tok.encode(text)]))[0, -1]
+        expected.append("ABCD"[int(logits[letter_ids].argmax())])
+    assert answers == expected
+    assert len(set(expected)) >= 2  # the answer depends on the question

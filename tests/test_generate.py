@@ -10,7 +10,8 @@ import torch
 
 from data import get_tokenizer
 from generate import generate, generate_responses, sample_next
-from gpt import GPTModel, load_model, model_config, save_model
+from gpt import GPTModel, model_config, save_model
+from child_io import FRESH_TORCH_S, LineReader, quiet_env, terminal_ctrl_c
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"vocab_size": 101, "context_length": 24, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
@@ -158,42 +159,81 @@ def test_empty_prompt_and_bad_arguments_are_value_errors():
     assert generate(model, [], 5) == []
 
 
+# The prompts written out by hand (the book's Alpaca text, and phi-3's markers), so the expected
+# answers below do not come from the code under test (format_input, encode_prompts, batching).
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{}{}\n\n### Response:\n")
+PHI3 = "<|user|>\n{}{}\n<|assistant|>:\n"
+
+
+def hand_prompt(entry: dict, style: str = "alpaca") -> str:
+    extra = entry.get("input", "")
+    if style == "phi3":
+        return PHI3.format(entry["instruction"], "\n" + extra if extra else "")
+    return ALPACA.format(entry["instruction"], "\n\n### Input:\n" + extra if extra else "")
+
+
+def book_answer(model: GPTModel, prompt: str, max_new_tokens: int) -> str:
+    """The book's way: encode, the plain uncached greedy loop on one row, cut at EOS, decode."""
+    tokenizer = get_tokenizer()
+    ids = tokenizer.encode(prompt)
+    new = generate(model, torch.tensor([ids]), max_new_tokens, use_cache=False)[0, len(ids):]
+    new = new.tolist()
+    return tokenizer.decode(new[:new.index(50256)] if 50256 in new else new).strip()
+
+
+def lively_tiny(style: str = "alpaca") -> GPTModel:
+    """tiny's shape with lively random weights: every prompt gets its own answer."""
+    return lively_model(5, dict(model_config("tiny"), prompt_style=style))
+
+
+ENTRIES = [{"instruction": "Name a color." * k, "input": "x" * k} for k in range(5)]
+
+
 def test_generate_responses_keeps_order_and_decodes_only_the_new_tokens():
     tokenizer = get_tokenizer()
-    torch.manual_seed(0)
-    model = GPTModel(model_config("tiny")).train()  # mode is restored after generating
-    entries = [{"instruction": "Name a color." * k, "input": "x" * k} for k in range(5)]
-    batched = generate_responses(model, entries, tokenizer, max_new_tokens=6, batch_size=2)
-    one_by_one = [generate_responses(model, [e], tokenizer, max_new_tokens=6, batch_size=1)[0]
-                  for e in entries]
-    assert batched == one_by_one and len(batched) == 5
+    model = lively_tiny().train()  # mode is restored after generating
+    batched = generate_responses(model, ENTRIES, tokenizer, max_new_tokens=6, batch_size=2)
     assert model.training
-    assert all("### Response" not in r and r == r.strip() for r in batched)
+    expected = [book_answer(model, hand_prompt(e), 6) for e in ENTRIES]
+    assert batched == expected
+    assert len(set(batched)) == len(ENTRIES)  # answers differ, so a swapped order would show
+    assert all("### Response" not in r and "Below is" not in r for r in batched)
+
+
+def test_each_style_puts_its_own_header_before_the_answer():
+    tokenizer = get_tokenizer()
+    model = lively_tiny()
+    answers = {}
+    for style in ("alpaca", "phi3"):
+        answers[style] = generate_responses(model, ENTRIES[:3], tokenizer, style=style,
+                                            max_new_tokens=5)
+        assert answers[style] == [book_answer(model, hand_prompt(e, style), 5)
+                                  for e in ENTRIES[:3]]
+    assert answers["alpaca"] != answers["phi3"]
 
 
 # ---- command line -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = dict(model_config("tiny"), prompt_style="alpaca")
+    model = lively_tiny("phi3")  # the CLI must read the style from the file, not assume alpaca
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(GPTModel(cfg), cfg, path)
+    save_model(model, model.cfg, path)
     return path
 
 
 def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)],
-                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          input=stdin, capture_output=True, text=True, cwd=ROOT,
+                          timeout=FRESH_TORCH_S)
 
 
 def test_cli_answers_one_prompt(tiny_model_path):
     result = run_cli("--model-path", tiny_model_path, "--prompt", "Name a color.",
                      "--input", "red or blue", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
-    model, _ = load_model(tiny_model_path)
-    entry = {"instruction": "Name a color.", "input": "red or blue"}
-    expected = generate_responses(model, [entry], get_tokenizer(), max_new_tokens=5)[0]
-    assert result.stdout == expected + "\n"
+    expected = book_answer(lively_tiny(), PHI3.format("Name a color.", "\nred or blue"), 5)
+    assert result.stdout == expected + "\n" and expected
 
 
 def test_cli_answers_a_file_and_keeps_every_field(tiny_model_path, tmp_path):
@@ -207,17 +247,19 @@ def test_cli_answers_a_file_and_keeps_every_field(tiny_model_path, tmp_path):
     assert "tokens/s" in result.stdout
     out = json.loads((tmp_path / "out.json").read_text())
     assert [{k: v for k, v in e.items() if k != "model_response"} for e in out] == entries
-    assert all(isinstance(e["model_response"], str) for e in out)
+    model = lively_tiny()
+    assert [e["model_response"] for e in out] == [book_answer(model, hand_prompt(e, "phi3"), 4)
+                                                   for e in entries]
 
 
 def test_cli_interactive_loop_reads_stdin_until_end(tiny_model_path):
     result = run_cli("--model-path", tiny_model_path, "--max-new-tokens", "3",
                      stdin="Name a color.\n\n  \nWhat is 2+2?\n")  # blank lines are skipped
     assert result.returncode == 0, result.stderr
-    model, _ = load_model(tiny_model_path)
-    entries = [{"instruction": "Name a color."}, {"instruction": "What is 2+2?"}]
-    expected = generate_responses(model, entries, get_tokenizer(), max_new_tokens=3)
-    assert result.stdout == "".join(r + "\n" for r in expected)
+    model = lively_tiny()
+    expected = [book_answer(model, PHI3.format(q, ""), 3)
+                for q in ("Name a color.", "What is 2+2?")]
+    assert result.stdout == "".join(r + "\n" for r in expected) and expected[0] != expected[1]
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"a": 1}', None])
@@ -243,12 +285,6 @@ def test_cli_missing_model_or_unwritable_output_is_exit_2(tiny_model_path, tmp_p
     assert result.returncode == 2 and "top_p" in result.stderr
 
 
-def terminal_ctrl_c():
-    """In the child: Ctrl-C as in a terminal, even when the tests run in a background job (which
-    starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_cli_ctrl_c_during_a_file_run_leaves_no_output(tiny_model_path, tmp_path):
     entries = [{"instruction": f"Tell a story number {k}.", "input": ""}
                for k in range(40)]
@@ -257,12 +293,13 @@ def test_cli_ctrl_c_during_a_file_run_leaves_no_output(tiny_model_path, tmp_path
                              str(tiny_model_path), "--input-file", str(tmp_path / "in.json"),
                              "--output", str(tmp_path / "out.json"), "--batch-size", "1",
                              "--max-new-tokens", "200"],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            preexec_fn=terminal_ctrl_c)
-    try:
-        assert "generated 1/40" in proc.stderr.readline()  # generation is under way
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=terminal_ctrl_c, env=quiet_env())
+    try:  # the progress line arrives while the run goes on: generate.py flushes it itself
+        LineReader(proc.stderr).wait_for(lambda line: "generated 1/40" in line)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=FRESH_TORCH_S)
     finally:
         proc.kill()
     assert proc.returncode != 0

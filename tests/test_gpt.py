@@ -31,7 +31,10 @@ def test_tiny_preset_is_a_few_million_parameters_with_gpt2_vocabulary():
     assert cfg["vocab_size"] == 50257
     with torch.device("meta"):
         n = sum(p.numel() for p in GPTModel(cfg).parameters())
-    assert 2e6 < n < 15e6
+    # tokens 50257*128 + positions 256*128 + 4 blocks * (qkv 128*384+384 + out 128*128+128
+    # + fc 128*512+512 + proj 512*128+128 + two norms 4*128) + final norm 256; the head is tied
+    assert n == 50257 * 128 + 256 * 128 + 4 * (49_536 + 16_512 + 66_048 + 65_664 + 512) + 256
+    assert n == 7_259_008
 
 
 def test_unknown_preset_is_refused():
@@ -230,13 +233,27 @@ def test_load_weights_accepts_a_plain_state_dict(tmp_path, model):
 
 
 def test_matches_transformers_gpt2_when_installed(tmp_path):
+    """Hugging Face's GPT2LMHeadModel as an independent reference (.ci/run installs it). Its
+    default init (std 0.02) leaves attention near uniform and GELU near linear, so a wrong
+    attention scale or GELU variant would hide under 1e-4; with every weight at std 0.1 (layer
+    norms around 1) they show. Measured max |difference| of the logits (|logits| up to 1.3):
+    2.4e-7 as written, 6e-2 with attention scale 1 instead of 1/sqrt(4), 2.8e-4 with the exact
+    GELU instead of GPT-2's tanh form; so 1e-5 has a 40x margin and still catches both."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4)
+    hf_cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4,
+                                      bos_token_id=None, eos_token_id=None)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            else:
+                p.normal_(0, 0.1)
     hf.save_pretrained(tmp_path)
     model = load_gpt2(GPTModel(SMALL).eval(), tmp_path / "model.safetensors")
-    idx = torch.tensor([[1, 5, 9, 33, 96]])
+    idx = torch.tensor([[1, 5, 9, 33, 96, 7, 7, 60, 2, 41, 13, 88]])
     with torch.no_grad():
-        diff = (model(idx) - hf(idx).logits).abs().max().item()
-    assert diff < 1e-4
+        want = hf(idx).logits
+        got = model(idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -14,6 +14,8 @@ import random
 import re
 import signal
 import struct
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,8 +32,11 @@ import train
 from collate import make_loader
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, write_json
 from gpt import GPTModel, load_gpt2, load_model, load_weights, model_config, save_model
+from child_io import FRESH_TORCH_S
 from local_server import local_server
 from safetensors_io import hf_gpt2_tensors, safetensors_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
          "drop_rate": 0.0, "qkv_bias": True}
@@ -244,7 +249,9 @@ def test_truncated_cached_gpt2_file_is_never_used_but_fetched_again(tmp_path, mo
         return path
     monkeypatch.setattr(recipe, "download", fake_download)
     path = recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
-    assert fetched == [recipe.gpt2_url("gpt2-small")] and path.read_bytes() == good
+    assert fetched == ["https://huggingface.co/openai-community/gpt2/resolve/main/"
+                       "model.safetensors"]
+    assert path.read_bytes() == good
     assert "downloading it again" in capsys.readouterr().err
     load_weights(GPTModel(SMALL), path)
 
@@ -334,12 +341,25 @@ def test_out_dir_under_a_file_is_refused_before_work(tmp_path):
         train.check_out_dir(tmp_path / "file" / "out")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
 def test_read_only_out_dir_is_refused_before_work(tmp_path):
+    """Root writes into read-only folders anyway (as CI runs), so as root a child process drops
+    to the user `nobody` after importing, and checks the folder from inside it (a relative path,
+    so the root-only folders above it do not matter)."""
     out = tmp_path / "out"
-    out.mkdir(mode=0o500)
-    with pytest.raises(OSError, match="cannot write to --out-dir"):
-        train.check_out_dir(out)
+    out.mkdir(mode=0o555)
+    if os.geteuid() != 0:
+        with pytest.raises(OSError, match="cannot write to --out-dir"):
+            train.check_out_dir(out)
+        return
+    code = ("import os, sys; from pathlib import Path; import train\n"
+            "os.chdir(sys.argv[1]); os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "try:\n    train.check_out_dir(Path('out'))\n"
+            "except OSError as e:\n    print(e); sys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=FRESH_TORCH_S)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("cannot write to --out-dir out: Permission denied")
+    assert list(out.iterdir()) == []
 
 
 def test_write_into_a_missing_folder_names_the_file_not_the_temp(tmp_path):

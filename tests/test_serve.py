@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import serve
+from child_io import LineReader, quiet_env, terminal_ctrl_c
 from data import format_input, get_tokenizer, response_header, write_json
 from generate import encode_prompts, generate, generate_responses
 from gpt import load_model, save_model
@@ -330,9 +331,11 @@ def test_api_key_is_required_and_evaluate_judges_through_this_server(model_file,
 def test_command_line_warns_on_all_interfaces_and_stops_on_ctrl_c(model_file):
     proc = subprocess.Popen([sys.executable, "serve.py", str(model_file), "--host", "0.0.0.0",
                              "--port", "0", "--quiet"], cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        warning, serving = proc.stderr.readline(), proc.stderr.readline()
+                            text=True, env=quiet_env(), preexec_fn=terminal_ctrl_c)
+    try:  # bounded waits: a stalled server fails the test instead of hanging it
+        reader = LineReader(proc.stderr)
+        warning = reader.wait_for(lambda line: True)
+        serving = reader.wait_for(lambda line: True)
         assert warning.startswith("warning: listening on 0.0.0.0 with no authentication")
         port = int(serving.split("/v1")[0].rsplit(":", 1)[1])
         status, page, head = call(port, "GET", "/")
@@ -343,7 +346,7 @@ def test_command_line_warns_on_all_interfaces_and_stops_on_ctrl_c(model_file):
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
-        proc.stderr.close()
+        proc.wait()
 
 
 def test_command_line_names_a_missing_model_or_a_bad_flag(tmp_path, model_file):

@@ -17,6 +17,7 @@ from functools import partial
 import checkpoint
 import recipe
 import train
+from child_io import FRESH_TORCH_S, LineReader, quiet_env, terminal_ctrl_c
 from collate import custom_collate_fn, make_loader
 from data import InstructionDataset, get_tokenizer, load_data
 from gpt import GPTModel, load_model, model_config
@@ -118,10 +119,12 @@ def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tm
         assert all(torch.equal(loaded[k], want[k]) for k in want)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
     """The default step (bf16 autocast, padded batches, head-only loss, attention kernel per
-    batch) stays within 1 % of the book's fp32 full-head step for 20 steps from the same
-    weights over the same rows (0.34 % was the largest gap measured on gpt2-small)."""
+    batch) stays within 0.1 % of the book's fp32 full-head step for 20 steps from the same
+    weights over the same rows: the largest gap measured here was 0.0155 % (0.34 % on
+    gpt2-small), so a bf16 slip that changes the loss by more than ~6x that fails."""
     data = load_data(str(ROOT / "data" / "instruction-data.json"))[:160]
     ds = InstructionDataset(data, get_tokenizer())
     losses = {}
@@ -139,7 +142,7 @@ def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
             loss, _ = train.train_step(model, opt, inputs, targets, cpu, autocast, loss_fn)
             losses[fast].append(loss)
     gaps = [abs(fast - plain) / plain for plain, fast in zip(losses[False], losses[True])]
-    assert max(gaps) < 0.01 and losses[True][-1] < losses[True][0] - 1.0
+    assert max(gaps) < 0.001 and losses[True][-1] < losses[True][0] - 1.0
 
 
 def test_the_step_updates_the_weights_in_optimizer_step_not_in_backward():
@@ -251,6 +254,7 @@ def test_early_stopping_when_validation_never_improves(tmp_path):
     assert metrics["best_step"] == 0 and metrics["steps"] == 2
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     common = ["--epochs", "2", "--eval-every", "2", "--no-generate", "--patience", "0"]
     full = run_train(tmp_path / "a", *common, data=write_slice(tmp_path, 60))
@@ -259,12 +263,17 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     data = write_slice(tmp_path, 60)
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data", str(data),
            "--batch-size", "4", "--out-dir", str(tmp_path / "b"), *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:  # interrupt once the run is a few steps in
-        if line.startswith("ep") and " step     4/" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    proc.communicate(timeout=120)
+    # without PYTHONUNBUFFERED the line reaches the pipe mid-run only if train.py flushes it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env=quiet_env(), preexec_fn=terminal_ctrl_c)
+    try:  # interrupt once the run is a few steps in
+        LineReader(proc.stdout).wait_for(lambda line: line.startswith("ep")
+                                         and " step     4/" in line)
+        assert proc.poll() is None  # the run is still going
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=FRESH_TORCH_S)
+    finally:
+        proc.kill()
     assert proc.returncode == 130
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "model.pt").exists()
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -279,6 +288,28 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_reproduces_the_run(tmp_path):
     final_b, _ = load_model(tmp_path / "b" / "model.pt")  # the best weights survived the restart
     for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_log_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
+    """`python train.py | tee log` shows each line as it is printed, not at exit. The run prints
+    a few short lines and then trains for minutes printing one short line per epoch of 255
+    steps (--eval-every past --max-steps), so unflushed lines would sit in the 8 KB buffer
+    until long after the wait ends."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--data",
+           str(write_slice(tmp_path, 600)), "--batch-size", "2", "--epochs", "10000",
+           "--max-steps", "100000", "--eval-every", "200000", "--eval-batches", "1",
+           "--no-generate", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env=quiet_env())
+    try:
+        reader = LineReader(proc.stdout)
+        reader.wait_for(lambda line: line.startswith("settings: model tiny"))
+        reader.wait_for(lambda line: line.startswith("ep 1 step     0/"), timeout=150)
+        assert proc.poll() is None  # 100000 steps are far from done
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it was still running when killed
 
 
 @pytest.mark.parametrize("extra,message", [
