@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from checkpoint import (Interrupted, RunState, StopRequested, load_checkpoint, save_checkpoint,
-                        save_due, stop_reason, copy_weights)
+from checkpoint import (Interrupted, RunState, StopRequested, copy_weights, load_checkpoint,
+                        save_checkpoint, save_due, stop_reason)
+from collate import padded_length
 from data import cli_main, get_tokenizer, load_data, write_json
 from generate import generate_responses, pick_device
 from gpt import save_model
@@ -27,15 +28,77 @@ from outputs import check_out_dir, format_duration, plot_losses, sample_response
 from recipe import build_model, make_autocast, parse_args, prepare_loaders, use_bf16
 
 
+# ---- the output head's cross-entropy a slice at a time: the default on CPU -------------------
+HEAD_CHUNK = 128  # rows of logits at a time in fp32 (128 x 50257 x 4 bytes is 26 MB)
+VOCAB_CHUNK = 8192  # rows of the head's weight at a time: 8192 x 768 bf16 is 13 MB
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits `hidden @ weight.T`, without their fp32 copy.
+
+    Same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`.
+    The logits are made in the matmul's dtype (bf16 under autocast), a slice of the vocabulary
+    at a time, so the weight is never copied whole; `chunk` rows at a time then go to fp32 for
+    the softmax, and their logits are overwritten by their gradient (softmax minus one-hot),
+    which backward uses. `apply(hidden, weight, targets, chunk, keep_grad)`: keep_grad=False,
+    for evaluation under `torch.no_grad()`, skips preparing that gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, keep_grad=True):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else hidden.dtype
+        # zero rows up to a multiple of `chunk`: the matmuls see a few shapes, not one per
+        # target count (on CPU each new shape costs kernels that stay in memory)
+        n = len(hidden)
+        h = F.pad(hidden.to(dtype), (0, 0, 0, padded_length(n, chunk) - n))
+        logits = torch.empty(len(h), len(weight), dtype=dtype, device=h.device)
+        for v in range(0, len(weight), VOCAB_CHUNK):
+            logits[:, v:v + VOCAB_CHUNK] = h @ weight[v:v + VOCAB_CHUNK].to(dtype).T
+        loss = torch.zeros((), device=h.device)
+        for start in range(0, n, chunk):
+            t = targets[start:start + chunk]
+            block = logits[start:start + len(t)].float()
+            rows = torch.arange(len(t), device=h.device)
+            log_norm = torch.logsumexp(block, dim=1)
+            loss += (log_norm - block[rows, t]).sum()
+            if keep_grad:
+                probs = block.sub_(log_norm[:, None]).exp_()
+                probs[rows, t] -= 1
+                logits[start:start + len(t)] = probs
+        logits[n:] = 0  # the zero rows have no loss, so no gradient
+        ctx.save_for_backward(h, weight, logits if keep_grad else None)
+        ctx.hidden_dtype, ctx.rows = hidden.dtype, n
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, weight, grad_logits = ctx.saved_tensors
+        h = h * grad_loss.to(h.dtype)  # scale the small factor, not the (rows, vocab) one
+        grad_hidden = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        # the weight's gradient is as large as the embedding: fill it a slice of the vocabulary
+        # at a time, so it never exists twice (in the matmul's dtype and in the weight's)
+        grad_weight = torch.empty_like(weight)
+        for v in range(0, len(weight), VOCAB_CHUNK):
+            grad_slice = grad_logits[:, v:v + VOCAB_CHUNK]
+            grad_hidden += grad_slice @ weight[v:v + VOCAB_CHUNK].to(h.dtype)
+            grad_weight[v:v + VOCAB_CHUNK] = grad_slice.T @ h
+        grad_hidden = grad_hidden[:ctx.rows] * grad_loss
+        return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None
+
+
 # ---- the book's training functions -----------------------------------------------------------
-def calc_loss_batch(input_batch, target_batch, model, device, full_head=False):
+def calc_loss_batch(input_batch, target_batch, model, device, full_head=False,
+                    sliced_head=None):
     """The book's loss: mean cross-entropy of the next-token predictions, -100 targets ignored.
 
     The book computes the 50257-wide logits at every position and then ignores the padding
     (and, with --mask-prompt, the prompt); here the output head runs only on the positions that
     have a target, which gives the same loss for less compute and memory. `full_head=True` (or
-    a model without `hidden`, such as the book's own GPTModel) is the book's way. A batch with
-    no targets gives 0.0 instead of NaN, so it changes no weight.
+    a model without `hidden`, such as the book's own GPTModel) is the book's way. On CPU the same
+    cross-entropy is computed a slice of the logits at a time (`HeadCrossEntropy`: 1.18x faster
+    there; `sliced_head=False` turns it off). A batch with no targets gives 0.0 instead of NaN.
     """
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)
@@ -43,9 +106,13 @@ def calc_loss_batch(input_batch, target_batch, model, device, full_head=False):
         logits = model(input_batch)
         return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
     keep = target_batch != -100
-    logits = model.out_head(model.hidden(input_batch)[keep])  # (targets, vocab)
-    loss = F.cross_entropy(logits, target_batch[keep], reduction="sum")
-    return loss / keep.sum().clamp(min=1)
+    hidden, targets = model.hidden(input_batch)[keep], target_batch[keep]  # (targets, emb_dim)
+    if torch.device(device).type == "cpu" if sliced_head is None else sliced_head:
+        loss = HeadCrossEntropy.apply(hidden, model.out_head.weight, targets, HEAD_CHUNK,
+                                      torch.is_grad_enabled())
+    else:
+        loss = F.cross_entropy(model.out_head(hidden), targets, reduction="sum")
+    return loss / max(len(targets), 1)
 
 
 def calc_loss_loader(data_loader, model, device, num_batches=None, autocast=nullcontext,

@@ -27,8 +27,7 @@ from data import InstructionDataset, get_tokenizer, load_data, split_data  # noq
 from generate import encode_prompts, generate, generate_batched, pick_device  # noqa: E402
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
 import train as train_module  # noqa: E402
-from fastpath import (AdamWInBackward, chunked_head_loss, recast_saved_weights,  # noqa: E402
-                      release_free_memory)
+from fastpath import AdamWInBackward, recast_saved_weights, release_free_memory  # noqa: E402
 from recipe import DEFAULT_DATA, PAD_MULTIPLE, make_autocast, use_bf16  # noqa: E402
 from train import calc_loss_batch, make_optimizer, train_step  # noqa: E402
 
@@ -36,12 +35,12 @@ GIB = 2**30
 # train.py's default step, and each way to change it: the flags of this script (train.py has the
 # ones marked so in the README); fastpath.py's opt-in tricks come last.
 DEFAULT = dict(precision="auto", group=True, full_head=False, tied=True, fused=True,
-               pad_multiple=PAD_MULTIPLE, pick_attention=True, chunked_head=False,
+               pad_multiple=PAD_MULTIPLE, pick_attention=True, plain_head=False,
                in_backward=False, recast=False, trim=False)
 PLAIN = dict(DEFAULT, precision="fp32", group=False, full_head=True, pad_multiple=1,
              pick_attention=False)
 BOOK = dict(PLAIN, book_model=True, tied=False, fused=False)  # the book's modules and AdamW
-OLD_DEFAULT = dict(DEFAULT, chunked_head=True, in_backward=True, recast=True, trim=True)
+OLD_DEFAULT = dict(DEFAULT, in_backward=True, recast=True, trim=True)
 COMPARE = [  # (label, training settings): the references, the default, then one change each
     ("book: its modules, untied head, AdamW; fp32, shuffled, full head", BOOK),
     ("plain: this model, fp32, shuffled, full head", PLAIN),
@@ -54,11 +53,12 @@ COMPARE = [  # (label, training settings): the references, the default, then one
      dict(DEFAULT, pick_attention=False)),
     ("default with unfused AdamW (bench `--unfused-adamw`)", dict(DEFAULT, fused=False)),
     ("default with an untied head (bench `--untied-head`)", dict(DEFAULT, tied=False)),
-    ("+ chunked head loss (bench `--chunked-head`)", dict(DEFAULT, chunked_head=True)),
+    ("default with the head's loss in one piece on CPU (bench `--plain-head`)",
+     dict(DEFAULT, plain_head=True)),
     ("+ AdamW in backward (bench `--adamw-in-backward`)", dict(DEFAULT, in_backward=True)),
     ("+ bf16 weights recast in backward (bench `--recast-weights`)", dict(DEFAULT, recast=True)),
     ("+ freed memory handed back each step (bench `--trim`)", dict(DEFAULT, trim=True)),
-    ("the previous default: all four above (bench `--old-default`)", OLD_DEFAULT),
+    ("the previous default: the three above (bench `--old-default`)", OLD_DEFAULT),
 ]
 
 
@@ -112,7 +112,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
                  steps: int, warmup: int, seed: int, data: str, device: str = "cpu",
                  tied: bool = True, fused: bool = True, in_backward: bool = False,
                  book_model: bool = False, torch_compile: bool = False, pad_multiple: int = 1,
-                 pick_attention: bool = False, chunked_head: bool = False, recast: bool = False,
+                 pick_attention: bool = False, plain_head: bool = False, recast: bool = False,
                  trim: bool = False) -> dict:
     """Time `steps` real training steps after `warmup` ones; throughput counts target tokens.
 
@@ -139,7 +139,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
     autocast = make_autocast(dev, bf16) if not recast else \
         (lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False))
     optimizer = make_bench_optimizer(net, dev, fused, in_backward)
-    loss_fn = chunked_head_loss if chunked_head else partial(calc_loss_batch, full_head=full_head)
+    loss_fn = partial(calc_loss_batch, full_head=full_head, sliced_head=False if plain_head else None)
     if torch_compile:  # as train.py --compile; compiles during the warm-up steps
         loss_fn = torch.compile(loss_fn)
     if not pick_attention:
@@ -160,7 +160,7 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
     return {"kind": "training", "model": model, "device": device, "bf16": bf16, "group": group,
             "full_head": full_head, "tied": tied, "fused": fused, "in_backward": in_backward,
             "book_model": book_model, "compile": torch_compile, "pad_multiple": pad_multiple,
-            "pick_attention": pick_attention, "chunked_head": chunked_head, "recast": recast,
+            "pick_attention": pick_attention, "plain_head": plain_head, "recast": recast,
             "trim": trim, "batch_size": batch_size, "steps": steps, "warmup": warmup,
             "target_tokens": tokens, "positions": positions, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
@@ -241,7 +241,7 @@ def describe_result(r: dict) -> str:
                 f"{'bf16 autocast' if r['bf16'] else 'fp32'}, "
                 f"{'length-grouped' if r['group'] else 'shuffled'} batches"
                 f"{padding}, {attention} attention, "
-                f"{'chunked head loss, ' if r.get('chunked_head') else ''}"
+                f"{'the head loss in one piece, ' if r.get('plain_head') else ''}"
                 f"{'weights recast in backward, ' if r.get('recast') else ''}"
                 f"{'freed memory returned each step, ' if r.get('trim') else ''}"
                 f"{'full head' if r['full_head'] else 'head on targets only'}, "
@@ -301,8 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the fused attention kernel on short CPU rows too")
     p.add_argument("--untied-head", action="store_true", help="the book's separate output head")
     p.add_argument("--unfused-adamw", action="store_true", help="the book's AdamW update")
-    p.add_argument("--chunked-head", action="store_true",
-                   help="fastpath.chunked_head_loss: the head's logits never all in fp32")
+    p.add_argument("--plain-head", action="store_true",
+                   help="on CPU too, F.cross_entropy on the head's logits in one piece")
     p.add_argument("--adamw-in-backward", action="store_true",
                    help="fastpath.AdamWInBackward: each weight updated during backward")
     p.add_argument("--recast-weights", action="store_true",
@@ -310,7 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trim", action="store_true",
                    help="fastpath.release_free_memory after each step (glibc malloc_trim)")
     p.add_argument("--old-default", action="store_true",
-                   help="the four fastpath tricks together (train.py's default before this change)")
+                   help="the three fastpath tricks together (with the sliced head on CPU: "
+                        "train.py's default before the book's step came back)")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss, as train.py")
     p.add_argument("--book-model", action="store_true",
                    help="the book's chapter 4 modules (needs --full-head and --untied-head)")
@@ -381,7 +382,7 @@ def main(argv=None) -> None:
                           fused=not args.unfused_adamw, book_model=args.book_model,
                           torch_compile=args.compile, pad_multiple=args.pad_multiple,
                           pick_attention=not args.fused_attention,
-                          chunked_head=args.chunked_head or old,
+                          plain_head=args.plain_head,
                           in_backward=args.adamw_in_backward or old,
                           recast=args.recast_weights or old, trim=args.trim or old))]
     caches = [] if args.skip_inference else [True, False] if args.compare else [not args.no_cache]
