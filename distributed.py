@@ -87,6 +87,12 @@ class Run:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    def finish(self) -> None:
+        """Every rank waits here until rank 0 has written the outputs, then all leave together:
+        a rank that tore its process group down while another still ran was seen to abort."""
+        dist.barrier()
+        self.close()
+
     def shard_loaders(self, train_loader, val_loader) -> tuple[DataLoader, DataLoader]:
         """Training batches sharded; validation batches of the same global size, evaluated whole
         on every rank (they are few and need no gradients) so their loss equals one process's."""
@@ -185,9 +191,13 @@ class Run:
 
     def full_model(self, model, cfg: dict):
         """The whole trained model on rank 0 (None elsewhere) for the outputs; FSDP gathers it."""
+        # every rank's collectives are finished before any rank moves on: a rank that left with
+        # a gather still in flight was seen to abort at exit ("terminate called ...") in CI
         if not self.fsdp:
+            dist.barrier()
             return model if self.is_main else None
         state = get_model_state_dict(model, options=FULL_CPU)
+        dist.barrier()
         if not self.is_main:
             return None
         whole = self.model_class(cfg)
