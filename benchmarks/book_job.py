@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from bench import GIB, peak_rss, sync  # noqa: E402
+from bench_generate import EOS  # noqa: E402
 from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
@@ -31,13 +33,6 @@ from export import hf_tensors, write_safetensors  # noqa: E402
 from generate import encode_prompts, generate, generate_responses  # noqa: E402
 from gpt import GPTModel, load_weights, model_config  # noqa: E402
 from recipe import DEFAULT_DATA, make_autocast, use_bf16  # noqa: E402
-
-EOS = 50256
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def loaders(args, device):
@@ -164,8 +159,8 @@ def in_child(args, job: str) -> dict:
 def peak_memory(device: torch.device) -> float:
     """GiB: the GPU's peak allocation, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return torch.cuda.max_memory_allocated() / GIB
+    return peak_rss() / GIB
 
 
 def one(args) -> dict:
