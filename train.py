@@ -365,7 +365,7 @@ def main(argv=None) -> None:
     if run:  # the whole model on rank 0, which writes the outputs; the other ranks are done
         model = run.full_model(model, cfg)
         if model is None:
-            return run.finish()
+            run.finish()  # ends the process
     if lora_run:  # a plain model: generate.py, evaluate.py and export load it as any other
         model = lora.merge_lora(model)
     save_model(model, cfg, out_dir / "model.pt")
@@ -390,7 +390,7 @@ def main(argv=None) -> None:
         log("loss-plot.png skipped: pip install matplotlib to get the plot")
     log(f"outputs written to {out_dir}/")
     if run:
-        run.finish()
+        run.finish()  # ends the process
 
 
 if __name__ == "__main__":
