@@ -20,7 +20,7 @@ import torch.utils.deterministic  # noqa: F401  (the fill_uninitialized_memory s
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py) and tiny_corpus.py
 from data import ENDOFTEXT, atomic_write_bytes, cli_main, get_tokenizer, load_data  # noqa: E402
-from gpt import GPTModel, model_config, save_model  # noqa: E402
+from gpt import GPTModel, load_model, model_config, save_model  # noqa: E402
 import train  # noqa: E402  (the learning-rate schedule)
 from tiny_corpus import build_corpus, check_held_out  # noqa: E402
 
@@ -129,6 +129,14 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
     return history
 
 
+def start_from(path: Path, cfg: dict) -> GPTModel:
+    """The weights of an earlier run (in fp32), which must be a `tiny` model."""
+    model, saved = load_model(path)
+    if {k: saved.get(k) for k in cfg if k != "name"} != {k: v for k, v in cfg.items() if k != "name"}:
+        raise ValueError(f"--init {path}: not a tiny model (its config is {saved})")
+    return model.train()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU "
@@ -172,6 +180,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=OUT, help="where the weights go (default: %(default)s)")
     p.add_argument("--corpus-only", type=Path, metavar="FILE",
                    help="write the corpus text to FILE and stop (for inspection)")
+    p.add_argument("--init", type=Path, metavar="FILE",
+                   help="continue from these tiny weights instead of random ones (continued pretraining)")
+    p.add_argument("--drill", type=int, default=0, metavar="ROUNDS",
+                   help="shuffle in ROUNDS passes over every small sum, product and unit conversion")
     p.add_argument("--instructions", type=Path, default=INSTRUCTIONS,
                    help="the instruction set that must stay out of the corpus")
     args = p.parse_args(argv)
@@ -180,6 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("passages", "steps", "batch_size", "eval_every", "eval_batches", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.drill < 0:
+        p.error("--drill must not be negative")
     if not (args.lr > 0 and args.warmup >= 0 and 0 < args.held_out_frac < 0.5):
         p.error("--lr must be positive, --warmup not negative, --held-out-frac in (0, 0.5)")
     return args
@@ -193,22 +207,25 @@ def main(argv=None) -> None:
     if not (folder.is_dir() and os.access(folder, os.W_OK)):  # fail now, not after the training
         raise OSError(f"cannot write {args.corpus_only or args.out}: {folder} is missing or read-only")
     started = time.perf_counter()
-    corpus = build_corpus(args.seed, args.passages)
+    cfg = dict(model_config("tiny"), name="tiny")
+    init = start_from(args.init, cfg) if args.init else None  # a wrong file fails before the corpus
+    corpus = build_corpus(args.seed, args.passages, args.drill)
     check_held_out(corpus, load_data(str(args.instructions)))
     if args.corpus_only:
         atomic_write_bytes(args.corpus_only, corpus.encode("utf-8"))
         log(f"wrote {len(corpus):,} characters ({args.passages:,} passages) to {args.corpus_only}")
         return
     tokens = tokenize(corpus, get_tokenizer())
-    cfg = dict(model_config("tiny"), name="tiny")
     train_tokens, val_tokens = split_tokens(tokens, args.held_out_frac, args.window)
-    log(f"corpus: {args.passages:,} passages, {len(tokens):,} tokens ({len(train_tokens):,} to train on, "
+    drill = f" + {args.drill} rounds of the number drill" if args.drill else ""
+    start = f"; starting from {args.init}" if args.init else ""
+    log(f"corpus: {args.passages:,} passages{drill}, {len(tokens):,} tokens ({len(train_tokens):,} to train on, "
         f"{len(val_tokens):,} held out); {args.steps:,} steps x {args.batch_size} x "
-        f"{args.window} tokens on {device}")
+        f"{args.window} tokens on {device}{start}")
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every new tensor
-    model = GPTModel(cfg).to(device)
+    model = (init or GPTModel(cfg)).to(device)
     pretrain(model, train_tokens, val_tokens, args, device, log)
     save_model(model.to("cpu", STORE_DTYPE), cfg, args.out)  # load_model copies it into fp32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

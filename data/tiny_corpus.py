@@ -152,20 +152,35 @@ def list_item(rng):
     return f"Which does not fit: {', '.join(items)}?", odd, s
 
 
+def sum_item(rng: random.Random, a: int, b: int) -> tuple[str, str, str]:
+    s = rng.choice([f"{a} plus {b} equals {a + b}.", f"{a} + {b} = {a + b}.",
+                    f"{md.capitalize(spoken(a))} plus {spoken(b)} is {spoken(a + b)}.",
+                    f"If you add {a} and {b}, you get {a + b}.", f"The sum of {a} and {b} is {a + b}."])
+    return f"{a} + {b} = ?", str(a + b), s
+
+
+def product_item(rng: random.Random, a: int, b: int) -> tuple[str, str, str]:
+    s = rng.choice([f"{a} times {b} equals {a * b}.", f"{a} x {b} = {a * b}.",
+                    f"{md.capitalize(spoken(a))} times {spoken(b)} is {spoken(a * b)}.",
+                    f"The product of {a} and {b} is {a * b}."])
+    return f"{a} x {b} = ?", str(a * b), s
+
+
+def unit_item(rng: random.Random, unit: tuple[str, str, int], v: int) -> tuple[str, str, str]:
+    src, dst, factor = unit
+    one = "foot" if src == "feet" else src[:-1]
+    s = rng.choice([f"{v} {src} is {v * factor} {dst}.",
+                    f"There are {factor} {dst} in one {one}, so {v} {src} make {v * factor} {dst}."])
+    return f"{v} {src}, in {dst}?", str(v * factor), s
+
+
 def number_item(rng):
     kind = rng.randrange(7)
     a, b = rng.randint(1, 60), rng.randint(1, 60)
     if kind == 0:
-        s = rng.choice([f"{a} plus {b} equals {a + b}.", f"{a} + {b} = {a + b}.",
-                        f"{md.capitalize(spoken(a))} plus {spoken(b)} is {spoken(a + b)}.",
-                        f"If you add {a} and {b}, you get {a + b}.", f"The sum of {a} and {b} is {a + b}."])
-        return f"{a} + {b} = ?", str(a + b), s
+        return sum_item(rng, a, b)
     if kind == 1:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        s = rng.choice([f"{a} times {b} equals {a * b}.", f"{a} x {b} = {a * b}.",
-                        f"{md.capitalize(spoken(a))} times {spoken(b)} is {spoken(a * b)}.",
-                        f"The product of {a} and {b} is {a * b}."])
-        return f"{a} x {b} = ?", str(a * b), s
+        return product_item(rng, rng.randint(2, 12), rng.randint(2, 12))
     if kind == 2:
         return (f"{a} spelled out?", spoken(a),
                 rng.choice([f"{a} is written {spoken(a)}.", f'The number {a} in words is "{spoken(a)}".',
@@ -182,12 +197,7 @@ def number_item(rng):
                         f"Of {a} and {b}, the bigger one is {hi}."])
         return f"Bigger of {a} and {b}?", str(hi), s
     if kind == 5:
-        src, dst, factor = rng.choice(md.UNITS)
-        one = "foot" if src == "feet" else src[:-1]
-        v = rng.randint(2, 12)
-        s = rng.choice([f"{v} {src} is {v * factor} {dst}.",
-                        f"There are {factor} {dst} in one {one}, so {v} {src} make {v * factor} {dst}."])
-        return f"{v} {src}, in {dst}?", str(v * factor), s
+        return unit_item(rng, rng.choice(md.UNITS), rng.randint(2, 12))
     numbers = rng.sample(range(1, 100), rng.randint(3, 6))
     listed = ", ".join(map(str, numbers))
     if rng.random() < 0.5:
@@ -253,11 +263,46 @@ def story(rng: random.Random) -> str:
 PASSAGES = [(paragraph, 4), (qa, 2), (quiz, 1), (story, 1)]  # (builder, weight)
 
 
-def build_corpus(seed: int, n_passages: int) -> str:
-    """`n_passages` passages joined by <|endoftext|>; the same seed gives the same text."""
+def build_corpus(seed: int, n_passages: int, drill_rounds: int = 0) -> str:
+    """`n_passages` passages joined by <|endoftext|>; the same seed gives the same text. With
+    `drill_rounds`, the number drill's passages are shuffled in among them."""
     rng = random.Random(seed)
     builders, weights = zip(*PASSAGES)
-    return SEP.join(rng.choices(builders, weights)[0](rng) for _ in range(n_passages))
+    passages = [rng.choices(builders, weights)[0](rng) for _ in range(n_passages)]
+    if drill_rounds:
+        passages += drill_passages(seed + 1, drill_rounds)
+        rng.shuffle(passages)
+    return SEP.join(passages)
+
+
+# ---- the number drill (continued pretraining): every small sum, product and conversion -----------
+def number_facts(rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every sum of two numbers 1..60, product of two of 2..12 and conversion of 2..12 units (the
+    instruction set's ranges), each once in a random phrasing, shuffled. Random statements leave
+    each two-digit sum to chance (the first corpus states a given one about 4 times); a table
+    seen whole, round after round, can be learned."""
+    items = [sum_item(rng, a, b) for a in range(1, 61) for b in range(1, 61)]
+    items += [product_item(rng, a, b) for a in range(2, 13) for b in range(2, 13)]
+    items += [unit_item(rng, unit, v) for unit in md.UNITS for v in range(2, 13)]
+    rng.shuffle(items)
+    return items
+
+
+def drill_passages(seed: int, rounds: int) -> list[str]:
+    """`rounds` passes over number_facts, 3-8 facts a passage: statements, or questions each
+    answered by its statement (the question's numbers copied into the answer)."""
+    rng, passages = random.Random(seed), []
+    for _ in range(rounds):
+        items = number_facts(rng)
+        while items:
+            n = rng.randint(3, 8)
+            chunk, items = items[:n], items[n:]
+            if rng.random() < 0.5:
+                passages.append(" ".join(statement for _, _, statement in chunk))
+            else:
+                ask, reply = rng.choice(QA_LABELS)
+                passages.append("\n".join(f"{ask}{q}\n{reply}{statement}" for q, _, statement in chunk))
+    return passages
 
 
 # ---- held out: no (instruction, input, output) of the instruction set may appear ---------------------

@@ -145,3 +145,56 @@ def test_tokenize_joins_passages_with_the_real_endoftext_token():
     ids = pretrain_tiny.tokenize(text, tokenizer)
     assert ids.tolist() == tokenizer.encode(text, allowed_special={ENDOFTEXT})
     assert ids.tolist().count(50256) == 19
+
+
+def test_the_first_stage_corpus_is_unchanged():
+    # the shipped weights were pretrained on build_corpus(1234, 200_000): its text must not move
+    # when the builders are reorganised (digest taken before the number drill was added)
+    import hashlib
+    text = tiny_corpus.build_corpus(1, 3000)
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "49002e3531a63d47d583b434b88d95e6bd65a6cca480b07d9588b95c0f327930")
+    assert tiny_corpus.build_corpus(1, 3000, drill_rounds=0) == text
+
+
+def test_number_facts_hold_every_sum_product_and_conversion_once():
+    import random
+    items = tiny_corpus.number_facts(random.Random(0))
+    assert len(items) == 60 * 60 + 11 * 11 + 10 * 11  # sums 1..60, products 2..12, 10 units x 2..12
+    questions = {q: a for q, a, _ in items}
+    assert len(questions) == len(items)
+    assert questions["47 + 38 = ?"] == "85" and questions["1 + 60 = ?"] == "61"
+    assert questions["12 x 7 = ?"] == "84" and questions["3 feet, in inches?"] == "36"
+    for q, a, statement in items:  # the answer is stated, in digits or in words
+        assert a in statement or tiny_corpus.spoken(int(a)) in statement
+
+
+def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(entries):
+    one = tiny_corpus.drill_passages(5, 1)
+    text = "\n".join(one)
+    # 47 + 38 once per round, in one of its five phrasings
+    forms = ["47 plus 38 equals 85.", "47 + 38 = 85.", "Forty-seven plus thirty-eight is eighty-five.",
+             "If you add 47 and 38, you get 85.", "The sum of 47 and 38 is 85."]
+    assert sum(text.count(f) for f in forms) == 1
+    assert sum("\n".join(tiny_corpus.drill_passages(5, 3)).count(f) for f in forms) == 3
+    assert all(3 <= p.count(".") for p in one[:-1])  # 3-8 facts a passage (the last may be short)
+    mixed = tiny_corpus.build_corpus(4, 200, drill_rounds=1)  # its drill is drill_passages(5, 1)
+    assert mixed.count(tiny_corpus.SEP) == 200 + len(one) - 1
+    tiny_corpus.check_held_out(mixed, entries)  # the drill avoids the instruction set's phrasings
+
+
+def test_init_continues_from_given_weights_and_refuses_another_size(tmp_path):
+    from gpt import GPTModel, save_model
+    cfg = model_config("tiny")
+    start = GPTModel(cfg)
+    with torch.no_grad():
+        start.trf_blocks[0].ff.proj.weight.fill_(0.5)  # far from any random init (std 0.02)
+    save_model(start, cfg, tmp_path / "start.pt")
+    continued = run(tmp_path, "b.pt", "--init", str(tmp_path / "start.pt"), "--drill", "1")
+    w = load_model(continued)[0].trf_blocks[0].ff.proj.weight
+    # AdamW moves a weight by at most about lr per step: 5 steps, lr <= 2e-3 -> |w - 0.5| <= ~0.01
+    assert (w - 0.5).abs().max() < 0.02
+    other = dict(cfg, n_layers=1)
+    save_model(GPTModel(other), other, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="--init .*small.pt: not a tiny model"):
+        pretrain_tiny.main(["--init", str(tmp_path / "small.pt"), "--out", str(tmp_path / "d.pt")])
