@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from checkpoint import Interrupted, RunState, StopRequested, copy_weights, stop_reason
+from checkpoint import (Interrupted, RunState, StopRequested, copy_weights, parse_every, save_due,
+                        stop_reason)
 from collate import LengthGroupedBatchSampler
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json
 from generate import generate_responses, pick_device
@@ -214,12 +215,13 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
               best: dict, autocast, on_save, log=print) -> tuple[str, dict]:
     """The book's DPO loop with train.py's habits: evaluation every `args.eval_every` steps (and
     before the first and after the last), the best validation loss's weights kept, `on_save` every
-    `args.save_every` steps and after each epoch, Ctrl-C between steps raises `Interrupted`."""
+    `args.save_every` (steps or minutes) and after each epoch, Ctrl-C between steps raises `Interrupted`."""
     steps_per_epoch = len(train_loader)
     if not steps_per_epoch:
         raise ValueError(f"the training split has fewer pairs than --batch-size {args.batch_size}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     start, start_step = time.perf_counter(), state.step
+    last_save = start
 
     def evaluate() -> bool:
         metrics = [evaluate_dpo(loader, policy, reference, args.beta, args.eval_batches, autocast)
@@ -266,8 +268,9 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
                 state.tokens_seen += int(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
                 if state.step % args.eval_every == 0 and evaluate():
                     best = copy_weights(policy)
-                if args.save_every and state.step % args.save_every == 0:
+                if save_due(args.save_every, state.step, time.perf_counter() - last_save):
                     on_save(state, best)
+                    last_save = time.perf_counter()
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
                 reason = stop_reason(state, args.patience, args.max_steps)
@@ -276,6 +279,7 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
             else:
                 state.epoch, state.batch = state.epoch + 1, 0
                 on_save(state, best)
+                last_save = time.perf_counter()
     if state.history[-1]["step"] != state.step and evaluate():
         best = copy_weights(policy)
     return reason or f"completed {args.epochs} epochs", best
@@ -356,8 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to train (auto: cuda, then mps, then cpu)")
     p.add_argument("--seed", type=int, default=123, help="seed for shuffling (123)")
     p.add_argument("--out-dir", default="out-dpo", help="where outputs and checkpoints go (out-dpo)")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="also write a checkpoint every N steps (0: only at epoch ends and Ctrl-C)")
+    p.add_argument("--save-every", type=parse_every, default=(0, "steps"), metavar="N|Nm",
+                   help="also write a checkpoint every N steps or N minutes (10m); 0: only at "
+                        "epoch ends and Ctrl-C")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
     p.add_argument("--max-new-tokens", type=int, default=256,
