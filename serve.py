@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NoReturn
 
-import serve_arena
 from batching import Engine, Request
 from data import PROMPT_STYLES, cli_main, get_tokenizer
 from evals.arena import model_names
 from generate import check_writable, pick_device
 from gpt import load_model
 from openai_api import ApiError, choice, error_body, get, parse_request, usage
+from serve_arena import ROUTES as ARENA_ROUTES
 from serve_arena import Arena, Contestant
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -243,7 +243,7 @@ ROUTES = {
          "owned_by": "gpt2-instruct", "max_model_len": app.context_length}]})),
     "/v1/chat/completions": ("POST", lambda h, app: h.completions(app, chat=True)),
     "/v1/completions": ("POST", lambda h, app: h.completions(app, chat=False)),
-    **serve_arena.ROUTES,  # /arena: 404 unless two or more models are served
+    **ARENA_ROUTES,  # /arena: 404 unless two or more models are served
 }
 
 
