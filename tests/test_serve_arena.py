@@ -249,7 +249,8 @@ def page_state(browser) -> dict:
                       " can_vote: !document.getElementById('vote-tie').disabled} })()")
 
 
-def test_page_shows_two_answers_and_the_names_only_after_the_vote(browser, server, models):  # noqa: F811
+def test_page_shows_two_answers_and_the_names_only_after_the_vote(
+        browser, server, models):  # noqa: F811 (the fixture imported above)
     browser.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/arena")
     wait_for(lambda: browser.js("document.getElementById('count')?.textContent") == "0",
              timeout=30)  # the page's script ran and asked /arena/ratings
