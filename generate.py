@@ -229,11 +229,11 @@ def pick_device(name: str) -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def check_writable(path) -> None:
-    """Fail before generating, not after, when the output could not be written."""
+def check_writable(path, flag: str = "--output") -> None:
+    """Fail before generating, not after, when the output (given as `flag`) could not be written."""
     folder = Path(path).resolve().parent
     if Path(path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise OSError(f"cannot write --output {path}: it is a folder, or {folder} is missing "
+        raise OSError(f"cannot write {flag} {path}: it is a folder, or {folder} is missing "
                       f"or read-only")
 
 

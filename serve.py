@@ -1,8 +1,10 @@
-"""Talk to a trained model: an OpenAI-compatible HTTP server and a chat page (chat.html at GET /).
+"""Talk to a trained model: an OpenAI-compatible HTTP server and a chat page (chat.html at GET /);
+given two or more models, also an arena page at /arena (serve_arena.py) that compares them blind.
 
-Entry points: `Handler` (routes, errors, streaming), `make_app` / `make_server`, and the command
-line `python serve.py out/model.pt`. Standard library HTTP only; openai_api.py reads and writes
-the JSON, batching.Engine generates. Not a production server: no TLS, one model, single turns.
+Entry points: `Handler` (routes, errors, streaming), `make_app` / `load_app` / `make_server`, and
+the command line `python serve.py out/model.pt [more.pt ...]`. Standard library HTTP only;
+openai_api.py reads and writes the JSON, batching.Engine generates. Not a production server: no
+TLS, the API answers with the first model only, single turns.
 """
 import argparse
 import hmac
@@ -21,9 +23,12 @@ from typing import Iterator, NoReturn
 
 from batching import Engine, Request
 from data import PROMPT_STYLES, cli_main, get_tokenizer
-from generate import pick_device
+from evals.arena import model_names
+from generate import check_writable, pick_device
 from gpt import load_model
 from openai_api import ApiError, choice, error_body, get, parse_request, usage
+from serve_arena import ROUTES as ARENA_ROUTES
+from serve_arena import Arena, Contestant
 
 PAGE = Path(__file__).with_name("chat.html")
 
@@ -41,6 +46,7 @@ class App:
     max_body: int = 1 << 20
     page: bytes = field(default_factory=lambda: PAGE.read_bytes())
     created: int = field(default_factory=lambda: int(time.time()))
+    arena: Arena | None = None  # the models compared at /arena (the first one is `engine`'s)
 
 
 def not_json(constant: str) -> NoReturn:
@@ -79,7 +85,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if method != allowed:
                 raise ApiError(405, f"{path} takes {allowed}, not {method}", None,
                                {"Allow": allowed})
-            if path.startswith("/v1/") and app.api_key:
+            if path.startswith(("/v1/", "/arena/")) and app.api_key:  # what spends compute
                 given = self.headers.get("Authorization", "").encode()
                 if not hmac.compare_digest(given, f"Bearer {app.api_key}".encode()):
                     raise ApiError(401, "missing or wrong API key: send 'Authorization: "
@@ -170,9 +176,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": app.model_name}
-        if not app.engine.submit(request):
-            raise ApiError(503, f"server busy: {app.engine.max_queue} requests already wait; "
-                                "retry later")
+        self.submit(app.engine, request)
         try:
             if stream:
                 self.stream(request, head, chat, with_usage)
@@ -181,7 +185,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             request.cancelled.set()  # a no-op once finished; frees the slot if we left early
 
-    def answer(self, request: Request, head: dict, chat: bool) -> None:
+    def submit(self, engine: Engine, request: Request) -> None:
+        if not engine.submit(request):
+            raise ApiError(503, f"server busy: {engine.max_queue} requests already wait; "
+                                "retry later")
+
+    def collect(self, request: Request) -> tuple[str, tuple]:
+        """The whole answer and its "done" event; an "error" event becomes its ApiError."""
         pieces = []
         for event in self.events(request):
             if event[0] == "delta":
@@ -189,9 +199,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif event[0] == "error":
                 raise ApiError(event[1], event[2])
             else:
-                self.send_json(200, {**head, "choices": [choice(chat, "".join(pieces), event[1],
-                                                                False)],
-                                     "usage": usage(*event[2:])})
+                return "".join(pieces), event
+
+    def answer(self, request: Request, head: dict, chat: bool) -> None:
+        text, done = self.collect(request)
+        self.send_json(200, {**head, "choices": [choice(chat, text, done[1], False)],
+                             "usage": usage(*done[2:])})
 
     def stream(self, request: Request, head: dict, chat: bool, with_usage: bool) -> None:
         """Server-sent events: `data: {chunk}` per piece of text, then `data: [DONE]`."""
@@ -230,17 +243,51 @@ ROUTES = {
          "owned_by": "gpt2-instruct", "max_model_len": app.context_length}]})),
     "/v1/chat/completions": ("POST", lambda h, app: h.completions(app, chat=True)),
     "/v1/completions": ("POST", lambda h, app: h.completions(app, chat=False)),
+    **ARENA_ROUTES,  # /arena: 404 unless two or more models are served
 }
 
 
 # ---- putting it together ------------------------------------------------------------------------
+def make_engine(model, tokenizer, max_batch: int = 8, max_queue: int = 32) -> Engine:
+    """The model's engine; its thread starts now."""
+    return Engine(model, tokenizer.eot_token, tokenizer.decode_single_token_bytes, max_batch,
+                  max_queue)
+
+
 def make_app(model, cfg: dict, model_name: str, max_batch: int = 8, max_queue: int = 32,
              **settings) -> App:
     """An App around `model` (its Engine thread starts now); settings: App's fields."""
     tokenizer = get_tokenizer()
-    engine = Engine(model, tokenizer.eot_token, tokenizer.decode_single_token_bytes, max_batch,
-                    max_queue)
-    return App(engine, tokenizer, cfg["context_length"], model_name, **settings)
+    return App(make_engine(model, tokenizer, max_batch, max_queue), tokenizer,
+               cfg["context_length"], model_name, **settings)
+
+
+def served_names(paths: list[str], given: list[str] | None) -> list[str]:
+    """--model-name once per model if given, else the files' names (the paths if two share one)."""
+    stems = [Path(p).stem for p in paths]
+    return model_names(paths, given or (stems if len(set(stems)) == len(stems) else None),
+                       "--model-name")
+
+
+def load_app(args: argparse.Namespace) -> App:
+    """The command line's App: the first model behind the API and the chat page; with two or
+    more models, all of them in the arena, each with its own engine and its own prompt style."""
+    names = served_names(args.model_paths, args.model_name)
+    if len(names) > 1:
+        check_writable(args.battles, "--battles")  # fail now, not at the first vote
+    device = pick_device(args.device)
+    loaded = [load_model(path, device=device) for path in args.model_paths]
+    styles = [args.prompt_style or cfg.get("prompt_style", "alpaca") for _, cfg in loaded]
+    app = make_app(*loaded[0], names[0], args.max_batch, args.max_queue, style=styles[0],
+                   api_key=args.api_key, default_max_tokens=args.max_tokens,
+                   max_body=args.max_body)
+    if len(loaded) > 1:
+        engines = [app.engine] + [make_engine(model, app.tokenizer, args.max_batch,
+                                              args.max_queue) for model, _ in loaded[1:]]
+        app.arena = Arena([Contestant(name, engine, cfg["context_length"], style) for
+                           name, engine, (_, cfg), style in zip(names, engines, loaded, styles)],
+                          args.battles, args.seed)
+    return app
 
 
 def make_server(app: App, host: str = "127.0.0.1", port: int = 8000,
@@ -265,13 +312,23 @@ def is_loopback(host: str) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a trained model: an OpenAI-compatible API "
-                                "under /v1 and a chat page at /.")
-    p.add_argument("model_path", metavar="MODEL", help="model.pt written by train.py")
+                                "under /v1 and a chat page at /; with two or more models, an "
+                                "arena page at /arena that compares them blind.")
+    p.add_argument("model_paths", metavar="MODEL", nargs="+",
+                   help="model.pt written by train.py; with two or more, the API and chat page "
+                        "use the first and the arena page at /arena compares them all")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
-    p.add_argument("--model-name", help="the model's id in the API (default: the file's name)")
+    p.add_argument("--api-key",
+                   help="require 'Authorization: Bearer KEY' on /v1/ and /arena/ requests")
+    p.add_argument("--model-name", action="append",
+                   help="the model's id in the API and its name in the arena (default: the "
+                        "file's name); give it once per model")
+    p.add_argument("--battles", default="battles.jsonl",
+                   help="with two or more models: the JSON-lines file each arena vote is added "
+                        "to, as `evaluate.py arena` writes it (battles.jsonl)")
+    p.add_argument("--seed", type=int, help="seed of the arena's pairings (default: random)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES,
                    help="default: the style the model was trained with (else alpaca)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -296,18 +353,16 @@ def main(argv=None) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
-    model, cfg = load_model(args.model_path, device=pick_device(args.device))
-    name = args.model_name or Path(args.model_path).stem
-    app = make_app(model, cfg, name, args.max_batch, args.max_queue,
-                   style=args.prompt_style or cfg.get("prompt_style", "alpaca"),
-                   api_key=args.api_key, default_max_tokens=args.max_tokens,
-                   max_body=args.max_body)
+    app = load_app(args)
     server = make_server(app, args.host, args.port, args.quiet)
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} with no authentication: anyone who can reach "
               "this port can use the model (add --api-key KEY)", file=sys.stderr, flush=True)
     host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/ (chat page), API at "
+    if app.arena:
+        print(f"arena of {len(app.arena.contestants)} models at http://{host}:{port}/arena, "
+              f"votes added to {args.battles}", file=sys.stderr, flush=True)
+    print(f"serving {app.model_name} on http://{host}:{port}/ (chat page), API at "
           f"http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -2,8 +2,9 @@
 "B" with their names hidden, a person (or an LLM judge) votes, and only then are the names shown.
 Each vote becomes a line of a battles file that `python evaluate.py ratings` turns into ratings.
 
-Entry points: `model_names`, `read_prompts`, `pick_pair`, `read_vote`, `record_battle`, `main`
-(`python evaluate.py arena A.pt B.pt [C.pt ...] --battles battles.jsonl`).
+Entry points: `model_names`, `read_prompts`, `pick_pair`, `read_vote`, `battle_record`,
+`record_battle`, `main` (`python evaluate.py arena A.pt B.pt [C.pt ...] --battles battles.jsonl`).
+serve_arena.py puts the same battles on a web page.
 """
 import argparse
 import json
@@ -24,11 +25,11 @@ VOTES = {"a": "model_a", "b": "model_b", "t": "tie", "x": "tie (bothbad)"}
 PREFERENCE_TO_WINNER = {1.0: "model_a", 2.0: "model_b", 1.5: "tie"}  # answer A is output_1
 
 
-def model_names(paths: list[str], names: list[str] | None) -> list[str]:
-    """--names if given (one per model, all different), else the paths as typed."""
+def model_names(paths: list[str], names: list[str] | None, flag: str = "--names") -> list[str]:
+    """`names` (the `flag` option) if given, one per model, all different; else the paths."""
     names = names or list(paths)
     if len(names) != len(paths):
-        raise ValueError(f"--names gives {len(names)} names for {len(paths)} models")
+        raise ValueError(f"{flag} gives {len(names)} names for {len(paths)} models")
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ: {', '.join(names)}")
     return names
@@ -67,6 +68,15 @@ def read_vote() -> str:
         if vote in VOTES:
             return VOTES[vote]
         print(f"{vote!r} is not a vote", flush=True)
+
+
+def battle_record(model_a: str, model_b: str, winner: str, entry: dict, answer_a: str,
+                  answer_b: str, judge: str = "human") -> dict:
+    """One battle in the layout of the Arena's published logs (`anony`: the names were hidden
+    while voting), plus what was asked and answered."""
+    return {"model_a": model_a, "model_b": model_b, "winner": winner, "judge": judge,
+            "anony": True, "tstamp": time.time(), "prompt": entry["instruction"],
+            "input": entry.get("input", ""), "answer_a": answer_a, "answer_b": answer_b}
 
 
 def record_battle(path, record: dict) -> None:
@@ -128,11 +138,9 @@ def run_arena(models: list, names: list[str], tokenizer, args, ask=None) -> tupl
                 skipped += 1
                 continue
             winner = PREFERENCE_TO_WINNER[preference]
-        record_battle(args.battles, {
-            "model_a": names[i], "model_b": names[j], "winner": winner,
-            "judge": "human" if ask is None else f"{args.judge}:{args.judge_model}",
-            "anony": True, "tstamp": time.time(), "prompt": entry["instruction"],
-            "input": entry.get("input", ""), "answer_a": answer_a, "answer_b": answer_b})
+        judge = "human" if ask is None else f"{args.judge}:{args.judge_model}"
+        record_battle(args.battles, battle_record(names[i], names[j], winner, entry, answer_a,
+                                                  answer_b, judge))
         recorded += 1
         if ask is not None and not args.quiet:
             print(f"\rbattle {recorded + skipped}: {names[i]} vs {names[j]}: {winner}",

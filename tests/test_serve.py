@@ -27,7 +27,11 @@ EOS = 50256
 
 
 def start(model, cfg, **settings):
-    app = serve.make_app(model, cfg, "tiny-test", **settings)
+    return start_app(serve.make_app(model, cfg, "tiny-test", **settings))
+
+
+def start_app(app):
+    """The app served on a free loopback port, in a thread; the port is `server.port`."""
     server = serve.make_server(app, "127.0.0.1", 0, quiet=True)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      daemon=True).start()
