@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from checkpoint import (Interrupted, RunState, StopRequested, copy_weights, parse_every, save_due,
-                        stop_reason)
+from checkpoint import Interrupted, RunState, StopRequested, copy_weights, save_due, stop_reason
 from collate import LengthGroupedBatchSampler
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json
 from generate import generate_responses, pick_device
 from gpt import atomic_save, load_model, read_checkpoint, save_model
 from outputs import check_out_dir, format_duration, plot_losses
-from recipe import make_autocast, use_bf16
+from recipe import add_run_flags, make_autocast, use_bf16
 from train import make_optimizer
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "preference-data.json")
@@ -354,19 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale (16)")
     p.add_argument("--lora-targets", nargs="+", metavar="LAYER",
                    help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast where the hardware does it fast; or force one")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="where to train (auto: cuda, then mps, then cpu)")
-    p.add_argument("--seed", type=int, default=123, help="seed for shuffling (123)")
-    p.add_argument("--out-dir", default="out-dpo", help="where outputs and checkpoints go (out-dpo)")
-    p.add_argument("--save-every", type=parse_every, default=(0, "steps"), metavar="N|Nm",
-                   help="also write a checkpoint every N steps or N minutes (10m); 0: only at "
-                        "epoch ends and Ctrl-C")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="response length limit for the test set (256)")
+    add_run_flags(p, "out-dpo")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p.parse_args(argv)

@@ -120,6 +120,26 @@ def prepare_loaders(args, data, tokenizer, device, log=print):
 
 
 # ---- command line --------------------------------------------------------------------------
+def add_run_flags(p: argparse.ArgumentParser, out_dir: str) -> None:
+    """The flags train.py and dpo.py share: precision, device, seed, where outputs and
+    checkpoints go, resuming, and the test-set responses."""
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the hardware does it fast; or force one")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="where to train (auto: cuda, then mps, then cpu)")
+    p.add_argument("--seed", type=int, default=123,
+                   help="seed for the weights drawn at random (if any) and for shuffling (123)")
+    p.add_argument("--out-dir", default=out_dir, help=f"where outputs and checkpoints go ({out_dir})")
+    p.add_argument("--save-every", type=parse_every, default=(0, "steps"), metavar="N|Nm",
+                   help="also write a checkpoint every N steps or N minutes (0: only at epoch "
+                        "ends and Ctrl-C)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue from {out_dir.upper()}/checkpoint.pt")
+    p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="response length limit for the test set (256)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 (or train the tiny preset from scratch) "
                                 "to follow instructions.")
@@ -151,21 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after N evaluations without a new best validation loss (0: never)")
     p.add_argument("--max-length", type=int,
                    help="cut training rows to N tokens (default: the model's context length)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast where the hardware does it fast; or force one")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="where to train (auto: cuda, then mps, then cpu)")
-    p.add_argument("--seed", type=int, default=123, help="seed for initialisation and shuffling (123)")
-    p.add_argument("--out-dir", default="out", help="where outputs and checkpoints go (out)")
-    p.add_argument("--save-every", type=parse_every, default=(0, "steps"), metavar="N|Nm",
-                   help="also write a checkpoint every N steps or N minutes (0: only at epoch "
-                        "ends and Ctrl-C)")
+    add_run_flags(p, "out")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="no checkpoint at epoch ends (each is the size of the model and AdamW's "
                         "state: 2.1 GB for gpt2-small); Ctrl-C still writes one")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-generate", action="store_true", help="skip the test-set responses")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit for the test set (256)")
     p.add_argument("--untied-head", action="store_true",
                    help="an output head of its own, as the book's GPTModel (GPT-2 ties it to the "
                         "token embedding); costs one more 50257-row matrix and its AdamW state")
