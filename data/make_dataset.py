@@ -469,20 +469,31 @@ def render(entries: list[dict]) -> str:
     return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=OUT, help="where the JSON goes (default: %(default)s)")
+def generator_cli(doc: str, build: Callable[[], list[dict]], what: Callable[[list[dict]], str],
+                  out: Path, argv: list[str] | None = None) -> int:
+    """The command line of a data generator: write `build()`'s entries to --out (through a
+    temporary file and a rename, so an interrupted run never leaves half a file), or with
+    --check exit 1 if the file there differs from a fresh build."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", type=Path, default=out, help="where the JSON goes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit 1 if --out differs from a fresh build")
     args = p.parse_args(argv)
-    entries = build_entries()
+    entries = build()
     text = render(entries).encode("utf-8")
     if args.check:
         same = args.out.exists() and args.out.read_bytes() == text
         print(f"{args.out}: {'up to date' if same else 'differs from what the generator writes'}")
         return 0 if same else 1
-    args.out.write_bytes(text)
-    print(f"wrote {len(entries)} entries in {len({e['task'] for e in entries})} families to {args.out}")
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_bytes(text)
+    tmp.replace(args.out)
+    print(f"wrote {what(entries)} to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generator_cli(__doc__, build_entries, lambda entries: f"{len(entries)} entries in "
+                         f"{len({e['task'] for e in entries})} families", OUT, argv)
 
 
 if __name__ == "__main__":

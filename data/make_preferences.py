@@ -6,14 +6,13 @@ correct output; rejected is, by a seeded draw, a wrong answer (another entry's a
 task put in its place), a rude refusal, or the correct answer padded with filler. Stdlib only:
 running it rewrites the file byte for byte; `--check` exits 1 if the committed file differs.
 """
-import argparse
 import json
 import random
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from make_dataset import render  # the same JSON layout as the instruction data
+from make_dataset import generator_cli  # the same JSON layout and command line
 
 SEED = 123
 SOURCE = Path(__file__).with_name("instruction-data.json")
@@ -67,19 +66,8 @@ def build_entries(source: list[dict], seed: int = SEED) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=OUT, help="where the JSON goes (default: %(default)s)")
-    p.add_argument("--check", action="store_true", help="exit 1 if --out differs from a fresh build")
-    args = p.parse_args(argv)
-    entries = build_entries(json.loads(SOURCE.read_text(encoding="utf-8")))
-    text = render(entries).encode("utf-8")
-    if args.check:
-        same = args.out.exists() and args.out.read_bytes() == text
-        print(f"{args.out}: {'up to date' if same else 'differs from what the generator writes'}")
-        return 0 if same else 1
-    args.out.write_bytes(text)
-    print(f"wrote {len(entries)} preference pairs to {args.out}")
-    return 0
+    return generator_cli(__doc__, lambda: build_entries(json.loads(SOURCE.read_text(encoding="utf-8"))),
+                         lambda entries: f"{len(entries)} preference pairs", OUT, argv)
 
 
 if __name__ == "__main__":
