@@ -276,14 +276,30 @@ def build_corpus(seed: int, n_passages: int, drill_rounds: int = 0) -> str:
 
 
 # ---- the number drill (continued pretraining): every small sum, product and conversion -----------
+# questions in other words than the instruction set's ("What is 4 plus 1?", "Add 42 and 50."),
+# each answered by a statement that copies its numbers
+SUM_ASKS = ["{a} + {b} = ?", "How much is {a} plus {b}?", "What do {a} and {b} add up to?",
+            "{a} and {b} added together make what?", "Tell me the sum of {a} and {b}."]
+PRODUCT_ASKS = ["{a} x {b} = ?", "How much is {a} times {b}?", "{a} multiplied by {b} gives what?"]
+UNIT_ASKS = ["{v} {src}, in {dst}?", "{v} {src} make how many {dst}?", "Turn {v} {src} into {dst}."]
+
+
 def number_facts(rng: random.Random) -> list[tuple[str, str, str]]:
     """Every sum of two numbers 1..60, product of two of 2..12 and conversion of 2..12 units (the
-    instruction set's ranges), each once in a random phrasing, shuffled. Random statements leave
-    each two-digit sum to chance (the first corpus states a given one about 4 times); a table
-    seen whole, round after round, can be learned."""
-    items = [sum_item(rng, a, b) for a in range(1, 61) for b in range(1, 61)]
-    items += [product_item(rng, a, b) for a in range(2, 13) for b in range(2, 13)]
-    items += [unit_item(rng, unit, v) for unit in md.UNITS for v in range(2, 13)]
+    instruction set's ranges), each once as (question, answer, statement) in a random phrasing,
+    shuffled. Random statements leave each two-digit sum to chance (the first corpus states a
+    given one about 4 times); a table seen whole, round after round, can be learned."""
+    items = []
+    for a in range(1, 61):
+        for b in range(1, 61):
+            items.append((rng.choice(SUM_ASKS).format(a=a, b=b), *sum_item(rng, a, b)[1:]))
+    for a in range(2, 13):
+        for b in range(2, 13):
+            items.append((rng.choice(PRODUCT_ASKS).format(a=a, b=b), *product_item(rng, a, b)[1:]))
+    for src, dst, factor in md.UNITS:
+        for v in range(2, 13):
+            ask = rng.choice(UNIT_ASKS).format(v=v, src=src, dst=dst)
+            items.append((ask, *unit_item(rng, (src, dst, factor), v)[1:]))
     rng.shuffle(items)
     return items
 

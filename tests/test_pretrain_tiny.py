@@ -2,6 +2,7 @@
 data/pretrain_tiny.py (the pretraining run that writes the `tiny` model's starting weights)."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,12 +162,14 @@ def test_number_facts_hold_every_sum_product_and_conversion_once():
     import random
     items = tiny_corpus.number_facts(random.Random(0))
     assert len(items) == 60 * 60 + 11 * 11 + 10 * 11  # sums 1..60, products 2..12, 10 units x 2..12
-    questions = {q: a for q, a, _ in items}
-    assert len(questions) == len(items)
-    assert questions["47 + 38 = ?"] == "85" and questions["1 + 60 = ?"] == "61"
-    assert questions["12 x 7 = ?"] == "84" and questions["3 feet, in inches?"] == "36"
-    for q, a, statement in items:  # the answer is stated, in digits or in words
+    found = {(int(n[0]), int(n[1])): a for q, a, _ in items  # (a, b) of each sum's question
+             if len(n := re.findall(r"\d+", q)) == 2 and ("+" in q or "plus" in q or "sum" in q
+                                                           or "add" in q)}
+    assert len(found) == 3600 and found[47, 38] == "85" and found[1, 60] == "61"
+    for q, a, statement in items:  # the question's numbers copied into the stated answer
         assert a in statement or tiny_corpus.spoken(int(a)) in statement
+        for n in re.findall(r"\d+", q):
+            assert n in statement or tiny_corpus.spoken(int(n)) in statement.lower()
 
 
 def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(entries):
