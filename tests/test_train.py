@@ -439,7 +439,8 @@ def test_tiny_defaults_and_the_books_stay_apart():
     book, tiny = recipe.parse_args([]), recipe.parse_args(["--model", "tiny"])
     assert (book.lr, book.epochs, book.lr_schedule, book.warmup_steps, book.mask_prompt) == \
         (5e-5, 2, "constant", 0, False)
-    assert (tiny.lr_schedule, tiny.mask_prompt) == ("cosine", True)
+    assert (tiny.lr_schedule, tiny.mask_prompt, tiny.keep_last, tiny.patience) == ("cosine", True, True, 0)
+    assert book.keep_last is False and recipe.parse_args(["--model", "tiny", "--no-keep-last"]).keep_last is False
     assert recipe.parse_args(["--model", "tiny", "--no-mask-prompt"]).mask_prompt is False
     assert recipe.parse_args(["--mask-prompt"]).mask_prompt is True
     scratch = recipe.parse_args(["--model", "tiny", "--from-scratch"])
@@ -450,7 +451,7 @@ def test_tiny_defaults_and_the_books_stay_apart():
 def test_the_committed_tiny_model_is_the_pretrained_one_and_train_loads_it():
     raw = recipe.TINY_PRETRAINED.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == \
-        "c6af17f52abf379a59a4ef95707c98d5a284a5149084d3ddd7a2427527c0ff76"
+        "d770353b73845c98f8102939cae6e907a40c653633fcd4955ae841672f66ad38"
     assert len(raw) < 30_000_000  # the size limit for shipped weights
     saved = torch.load(recipe.TINY_PRETRAINED, weights_only=True)
     assert saved["config"]["name"] == "tiny"

@@ -158,7 +158,7 @@ def fake_validation(monkeypatch, losses):
 def test_the_best_weights_are_restored_unless_keep_last(tmp_path, monkeypatch, keep_last):
     # evaluations at steps 0..5: the best (3.0) is at step 2, then it gets worse
     fake_validation(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.8, 3.9])
-    flags = ["--eval-every", "1", "--patience", "0"] + (["--keep-last"] if keep_last else [])
+    flags = ["--eval-every", "1", "--patience", "0", "--keep-last" if keep_last else "--no-keep-last"]
     seen, out = trained(tmp_path, monkeypatch, *flags, steps=5, weights=True)
     assert json.loads((out / "metrics.json").read_text())["best_step"] == 2
     saved = load_model(out / "model.pt")[0].state_dict()
