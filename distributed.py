@@ -94,7 +94,7 @@ class Run:
         The process ends with os._exit, skipping Python's shutdown: a gloo worker thread may
         still be dropping a finished collective that holds tensors, and during shutdown it
         cannot take the GIL, so the rank aborted ("terminate called without an active
-        exception", SIGABRT, ~1 run in 20 on a loaded CPU; the core dump shows
+        exception", SIGABRT, 1 launch in 7 on a loaded CPU; the core dump shows
         ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> decref_pyobject -> take_gil ->
         pthread_exit). Every output is written and renamed by now, so nothing is lost."""
         dist.barrier()
