@@ -132,7 +132,7 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
 def start_from(path: Path, cfg: dict) -> GPTModel:
     """The weights of an earlier run (in fp32), which must be a `tiny` model."""
     model, saved = load_model(path)
-    if {k: saved.get(k) for k in cfg if k != "name"} != {k: v for k, v in cfg.items() if k != "name"}:
+    if any(saved.get(k) != v for k, v in cfg.items() if k != "name"):
         raise ValueError(f"--init {path}: not a tiny model (its config is {saved})")
     return model.train()
 
