@@ -28,7 +28,8 @@ class RunState:
 
 
 def save_checkpoint(path, model, optimizer, state: RunState, best_weights, cfg) -> None:
-    """Everything --resume needs; the best weights only when they are not the current ones."""
+    """Everything --resume needs; the best weights only when they are not the current ones (and
+    kept at all: None under --keep-last)."""
     same = state.best_step == state.step and bool(state.history)  # common: it just improved
     ckpt = {"format": "gpt2-instruct-checkpoint", "config": cfg, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "state": asdict(state),

@@ -194,7 +194,7 @@ class Run:
         every rank calls this; only rank 0 gets the tensors)."""
         model_state = get_model_state_dict(model, options=FULL_CPU)
         optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_CPU)
-        best = {k: v.full_tensor().cpu() for k, v in best.items()}
+        best = best and {k: v.full_tensor().cpu() for k, v in best.items()}
         if not self.is_main:
             return None, None, None
         return (Saved(model_state), Saved(by_number(optim_state, model)), best)

@@ -226,17 +226,17 @@ class LoRARun:
         ckpt = {"format": self.FORMAT, "config": cfg, "lora": lora_state(model),
                 "base": {"path": self.base_path, "sha256": self.base_sha256},
                 "optimizer": optimizer.state_dict(), "state": asdict(state),
-                "best_lora": {k: v for k, v in best_weights.items() if k in trainable},
+                "best_lora": best_weights and {k: v for k, v in best_weights.items() if k in trainable},
                 "torch_rng": torch.get_rng_state()}
         atomic_save(ckpt, path)
 
     def load_checkpoint(self, path, model, optimizer, cfg):
-        from checkpoint import RunState
+        from checkpoint import RunState, copy_weights
         ckpt = self._read(path)
         try:
-            load_lora_state(model, ckpt["best_lora"], path)
-            best = {k: v.detach().clone() if k in ckpt["best_lora"] else v.detach()
-                    for k, v in model.state_dict(keep_vars=True).items()}
+            # None: the run kept no best weights (--keep-last); the current ones stand in
+            load_lora_state(model, ckpt["best_lora"] or ckpt["lora"], path)
+            best = copy_weights(model)
             load_lora_state(model, ckpt["lora"], path)
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["torch_rng"])

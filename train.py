@@ -206,7 +206,8 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
     """Train until the epochs, --max-steps or patience run out; returns (stop reason, best weights).
 
     Evaluates every `args.eval_every` steps (before the first step and after the last too),
-    keeps the weights of the best validation loss, and calls `on_save(state, best)` every
+    keeps a copy of the weights of the best validation loss (none when `best` is None: with
+    --keep-last they are never restored, and the copy is a model's worth of memory), and calls `on_save(state, best)` every
     `args.save_every` steps and `on_epoch_end(state, best)` after each epoch.
     """
     steps_per_epoch = len(train_loader)
@@ -260,7 +261,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
                                      f"the last good checkpoint is kept (try a lower --lr)")
                 state.step, state.batch = state.step + 1, i + 1
                 state.tokens_seen += n_targets
-                if state.step % args.eval_every == 0 and evaluate():
+                if state.step % args.eval_every == 0 and evaluate() and best is not None:
                     best = copy_weights(model)
                 if save_due(args.save_every, state.step, time.perf_counter() - last_save):
                     on_save(state, best)
@@ -273,7 +274,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
             else:
                 state.epoch, state.batch = state.epoch + 1, 0
                 on_epoch_end(state, best)
-    if state.history[-1]["step"] != state.step and evaluate():
+    if state.history[-1]["step"] != state.step and evaluate() and best is not None:
         best = copy_weights(model)
     return reason or f"completed {args.epochs} epochs", best
 
@@ -316,6 +317,7 @@ def main(argv=None) -> None:
         if run:
             load = partial(run.load, load)
         state, best = load(ckpt_path, model, optimizer, cfg)
+        best = None if args.keep_last else best
         log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
     log(f"settings: model {args.model}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
         f"weight decay {args.weight_decay}, eval every {args.eval_every} steps over "
@@ -346,7 +348,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     try:
         reason, best = train_model(model, optimizer, train_loader, val_loader, device, args,
-                                   state, best or copy_weights(model), autocast, loss_fn,
+                                   state, None if args.keep_last else best or copy_weights(model),
+                                   autocast, loss_fn,
                                    epoch_end, save, log,
                                    run.count_targets if run else count_targets)
     except Interrupted as stop:

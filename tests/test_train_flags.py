@@ -158,7 +158,8 @@ def fake_validation(monkeypatch, losses):
 def test_the_best_weights_are_restored_unless_keep_last(tmp_path, monkeypatch, keep_last):
     # evaluations at steps 0..5: the best (3.0) is at step 2, then it gets worse
     fake_validation(monkeypatch, [5.0, 4.0, 3.0, 3.5, 3.8, 3.9])
-    flags = ["--eval-every", "1", "--patience", "0", "--keep-last" if keep_last else "--no-keep-last"]
+    flags = ["--eval-every", "1", "--patience", "0", "--save-every", "5",
+             "--keep-last" if keep_last else "--no-keep-last"]
     seen, out = trained(tmp_path, monkeypatch, *flags, steps=5, weights=True)
     assert json.loads((out / "metrics.json").read_text())["best_step"] == 2
     saved = load_model(out / "model.pt")[0].state_dict()
@@ -166,6 +167,9 @@ def test_the_best_weights_are_restored_unless_keep_last(tmp_path, monkeypatch, k
     other = seen[1 if keep_last else -1]["after"]
     assert all(torch.equal(saved[k], want[k]) for k in want)
     assert not torch.equal(saved["tok_emb.weight"], other["tok_emb.weight"])  # lr > 0: they differ
+    # the checkpoint at step 5 holds the best weights of step 2, or none: --keep-last copies none
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)["best_weights"]
+    assert kept is None if keep_last else torch.equal(kept["tok_emb.weight"], seen[1]["after"]["tok_emb.weight"])
 
 
 def checkpoint_steps(monkeypatch) -> list[int]:
