@@ -304,54 +304,20 @@ def number_facts(rng: random.Random) -> list[tuple[str, str, str]]:
     return items
 
 
-# yes-or-no comparisons, asked as the instruction set never does; the reply starts with the verdict,
-# so the model must weigh the two numbers before it writes them (the fine-tuned model wrote
-# "No, 76 is greater than 69.": it knew the order, but only after committing to an answer)
-COMPARE_ASKS = [("Is {a} more than {b}?", ">"), ("Is {a} higher than {b}?", ">"),
-                ("Is {a} smaller than {b}?", "<"), ("Is {a} lower than {b}?", "<")]
-COMPARISONS = 1500  # a round's share of the 9,702 ordered pairs of 1..99 (all of them: 6x the sums)
-
-
-def compare_item(rng: random.Random, a: int, b: int) -> tuple[str, str, str]:
-    """(question, "Yes" or "No", the reply: the verdict, then the true order of a and b)."""
-    ask, sign = rng.choice(COMPARE_ASKS)
-    order = f"{a} is greater than {b}." if a > b else f"{a} is less than {b}."
-    verdict = "Yes" if (a > b) == (sign == ">") else "No"
-    return ask.format(a=a, b=b), verdict, f"{verdict}, {order}"
-
-
-def compare_facts(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
-    """`n` comparisons of two different numbers 1..99, drawn at random."""
-    return [compare_item(rng, *rng.sample(range(1, 100), 2)) for _ in range(n)]
-
-
-def chunks(rng: random.Random, items: list) -> list[list]:
-    """`items` cut into runs of 3-8 (one passage each; the last may be shorter)."""
-    out = []
-    while items:
-        n = rng.randint(3, 8)
-        out.append(items[:n])
-        items = items[n:]
-    return out
-
-
-def qa_passage(rng: random.Random, chunk) -> str:
-    """Each question answered by its statement (the question's numbers copied into the answer)."""
-    ask, reply = rng.choice(QA_LABELS)
-    return "\n".join(f"{ask}{q}\n{reply}{statement}" for q, _, statement in chunk)
-
-
 def drill_passages(seed: int, rounds: int) -> list[str]:
-    """`rounds` passes over number_facts, 3-8 facts a passage, as statements or as questions and
-    answers; then COMPARISONS yes-or-no comparisons a round, always as questions and answers."""
+    """`rounds` passes over number_facts, 3-8 facts a passage: statements, or questions each
+    answered by its statement (the question's numbers copied into the answer)."""
     rng, passages = random.Random(seed), []
     for _ in range(rounds):
-        for chunk in chunks(rng, number_facts(rng)):
+        items = number_facts(rng)
+        while items:
+            n = rng.randint(3, 8)
+            chunk, items = items[:n], items[n:]
             if rng.random() < 0.5:
                 passages.append(" ".join(statement for _, _, statement in chunk))
             else:
-                passages.append(qa_passage(rng, chunk))
-        passages += [qa_passage(rng, chunk) for chunk in chunks(rng, compare_facts(rng, COMPARISONS))]
+                ask, reply = rng.choice(QA_LABELS)
+                passages.append("\n".join(f"{ask}{q}\n{reply}{statement}" for q, _, statement in chunk))
     return passages
 
 

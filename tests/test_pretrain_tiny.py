@@ -172,20 +172,6 @@ def test_number_facts_hold_every_sum_product_and_conversion_once():
             assert n in statement or tiny_corpus.spoken(int(n)) in statement.lower()
 
 
-def test_compare_item_answers_yes_or_no_first_then_the_true_order():
-    import random
-    rng = random.Random(0)
-    seen = set()
-    for _ in range(200):  # every phrasing, both orders
-        a, b = rng.sample(range(1, 100), 2)
-        q, verdict, reply = tiny_corpus.compare_item(rng, a, b)
-        bigger = "more" in q or "higher" in q
-        assert verdict == ("Yes" if (a > b) == bigger else "No") and q.startswith(f"Is {a} ")
-        assert reply == f"{verdict}, {a} is {'greater' if a > b else 'less'} than {b}."
-        seen.add((q.split()[2], a > b))
-    assert len(seen) == 8
-
-
 def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(entries):
     one = tiny_corpus.drill_passages(5, 1)
     text = "\n".join(one)
@@ -194,12 +180,7 @@ def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(ent
              "If you add 47 and 38, you get 85.", "The sum of 47 and 38 is 85."]
     assert sum(text.count(f) for f in forms) == 1
     assert sum("\n".join(tiny_corpus.drill_passages(5, 3)).count(f) for f in forms) == 3
-    facts = [p for p in one if not p.count("more than") + p.count("higher than") + p.count("smaller than")
-             + p.count("lower than")]
-    assert sum(p.count(".") < 3 for p in facts) <= 1  # 3-8 facts a passage (the round's last may be short)
-    asked = re.findall(r"Is (\d+) (more|higher|smaller|lower) than (\d+)\?\n\w+: (Yes|No), \1 is "
-                       r"(greater|less) than \3\.", text)
-    assert len(asked) == tiny_corpus.COMPARISONS  # every comparison a question, its reply the verdict first
+    assert all(3 <= p.count(".") for p in one[:-1])  # 3-8 facts a passage (the last may be short)
     mixed = tiny_corpus.build_corpus(4, 200, drill_rounds=1)  # its drill is drill_passages(5, 1)
     assert mixed.count(tiny_corpus.SEP) == 200 + len(one) - 1
     tiny_corpus.check_held_out(mixed, entries)  # the drill avoids the instruction set's phrasings
