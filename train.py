@@ -25,7 +25,7 @@ from data import cli_main, get_tokenizer, load_data, write_json
 from generate import generate_responses, pick_device
 from gpt import save_model
 from outputs import check_out_dir, format_duration, plot_losses, sample_response, show_examples
-from recipe import build_model, make_autocast, parse_args, prepare_loaders, use_bf16
+from recipe import build_model, keep_freed_memory, make_autocast, parse_args, prepare_loaders, use_bf16
 
 
 # ---- the output head's cross-entropy a slice at a time: the default on CPU -------------------
@@ -293,6 +293,8 @@ def main(argv=None) -> None:
         raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node N train.py ...")
     if not run or run.is_main:  # only rank 0 writes there (and two probes would collide)
         check_out_dir(out_dir)
+    if args.keep_memory and device.type == "cpu":  # CUDA has its own caching allocator
+        keep_freed_memory()
     data = load_data(args.data)
     tokenizer = get_tokenizer()
     model, cfg = build_model(args, log)
