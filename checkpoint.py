@@ -56,10 +56,22 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
         raise ValueError(f"{path}: damaged training checkpoint ({type(e).__name__}: {e})") from None
 
 
-def copy_weights(model) -> dict:
-    # frozen weights (a LoRA run's base) never change: shared, not copied
-    return {k: v.detach().clone() if v.requires_grad else v.detach()
-            for k, v in model.state_dict(keep_vars=True).items()}
+def copy_weights(model, into: dict | None = None) -> dict:
+    """The model's weights, copied: the best ones so far, to restore at the end.
+
+    Frozen weights (a LoRA run's base) never change: shared, not copied. A weight under two
+    names (GPT-2's head tied to its token embedding) is copied once. `into`, an earlier copy, is
+    overwritten in place, so that two copies never exist at once (each is a model's worth).
+    """
+    copies, out = {}, {}  # id of a weight -> its copy
+    for name, w in model.state_dict(keep_vars=True).items():
+        if not w.requires_grad:
+            out[name] = w.detach()
+            continue
+        if id(w) not in copies:
+            copies[id(w)] = w.detach().clone() if into is None else into[name].copy_(w.detach())
+        out[name] = copies[id(w)]
+    return out
 
 
 class StopRequested:

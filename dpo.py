@@ -266,7 +266,7 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
                 state.step, state.batch = state.step + 1, i + 1
                 state.tokens_seen += int(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
                 if state.step % args.eval_every == 0 and evaluate():
-                    best = copy_weights(policy)
+                    best = copy_weights(policy, into=best)
                 if save_due(args.save_every, state.step, time.perf_counter() - last_save):
                     on_save(state, best)
                     last_save = time.perf_counter()
@@ -280,7 +280,7 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
                 on_save(state, best)
                 last_save = time.perf_counter()
     if state.history[-1]["step"] != state.step and evaluate():
-        best = copy_weights(policy)
+        best = copy_weights(policy, into=best)
     return reason or f"completed {args.epochs} epochs", best
 
 

@@ -262,7 +262,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
                 state.step, state.batch = state.step + 1, i + 1
                 state.tokens_seen += n_targets
                 if state.step % args.eval_every == 0 and evaluate() and best is not None:
-                    best = copy_weights(model)
+                    best = copy_weights(model, into=best)
                 if save_due(args.save_every, state.step, time.perf_counter() - last_save):
                     on_save(state, best)
                     last_save = time.perf_counter()
@@ -275,7 +275,7 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
                 state.epoch, state.batch = state.epoch + 1, 0
                 on_epoch_end(state, best)
     if state.history[-1]["step"] != state.step and evaluate() and best is not None:
-        best = copy_weights(model)
+        best = copy_weights(model, into=best)
     return reason or f"completed {args.epochs} epochs", best
 
 

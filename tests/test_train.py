@@ -127,6 +127,22 @@ def test_save_every_takes_steps_or_minutes():
     assert not checkpoint.save_due((0, "steps"), 0, 1e9)
 
 
+def test_copy_weights_copies_a_tied_weight_once_and_overwrites_an_earlier_copy_in_place():
+    model = GPTModel(model_config("tiny"))  # head tied to the token embedding
+    best = checkpoint.copy_weights(model)
+    assert best["tok_emb.weight"] is best["out_head.weight"]
+    distinct = {id(t): t for t in best.values()}.values()
+    assert sum(t.numel() for t in distinct) == sum(p.numel() for p in model.parameters())  # 7.26M, not 13.7M
+    kept = {k: v.clone() for k, v in best.items()}
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+        model.trf_blocks[0].ff.proj.weight.mul_(2.0)
+    assert all(torch.equal(best[k], kept[k]) for k in kept)  # a copy, not a view of the weights
+    again = checkpoint.copy_weights(model, into=best)
+    assert all(again[k] is best[k] for k in best)  # the same tensors, no second copy
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(SMALL)
