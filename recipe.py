@@ -72,7 +72,10 @@ def keep_freed_memory() -> bool:
     7 % more peak memory (README, Performance), so it is `train.py --keep-memory`, not a default.
     Process wide; False where there is no glibc `mallopt` (macOS, musl: nothing changes there).
     """
-    libc = ctypes.CDLL(None)
+    try:
+        libc = ctypes.CDLL(None)  # the running process's own C library
+    except (OSError, TypeError):  # Windows has no such handle
+        return False
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
@@ -203,7 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "6-9 %% faster steps, up to 7 %% more peak memory (README, Performance)")
     p.add_argument("--keep-last", action=argparse.BooleanOptionalAction,
                    help="keep the last weights, as the book, not those of the best validation "
-                        "loss (default: off; tiny: on)")
+                        "loss, and no copy of those (a model's worth of memory less; default: "
+                        "off; tiny: on)")
     p.add_argument("--full-head", action="store_true",
                    help="run the output head on every position, as the book (slower)")
     p.add_argument("--no-length-grouping", action="store_true",

@@ -207,8 +207,9 @@ def train_model(model, optimizer, train_loader, val_loader, device, args, state:
 
     Evaluates every `args.eval_every` steps (before the first step and after the last too),
     keeps a copy of the weights of the best validation loss (none when `best` is None: with
-    --keep-last they are never restored, and the copy is a model's worth of memory), and calls `on_save(state, best)` every
-    `args.save_every` steps and `on_epoch_end(state, best)` after each epoch.
+    --keep-last they are never restored, and the copy is a model's worth of memory), and calls
+    `on_save(state, best)` every `args.save_every` steps and `on_epoch_end(state, best)` after
+    each epoch.
     """
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch

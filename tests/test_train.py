@@ -132,7 +132,8 @@ def test_copy_weights_copies_a_tied_weight_once_and_overwrites_an_earlier_copy_i
     best = checkpoint.copy_weights(model)
     assert best["tok_emb.weight"] is best["out_head.weight"]
     distinct = {id(t): t for t in best.values()}.values()
-    assert sum(t.numel() for t in distinct) == sum(p.numel() for p in model.parameters())  # 7.26M, not 13.7M
+    # 7.26M numbers, not 13.7M (parameters() lists the tied weight once)
+    assert sum(t.numel() for t in distinct) == sum(p.numel() for p in model.parameters())
     kept = {k: v.clone() for k, v in best.items()}
     with torch.no_grad():
         model.tok_emb.weight.add_(1.0)

@@ -169,7 +169,8 @@ def test_the_best_weights_are_restored_unless_keep_last(tmp_path, monkeypatch, k
     assert not torch.equal(saved["tok_emb.weight"], other["tok_emb.weight"])  # lr > 0: they differ
     # the checkpoint at step 5 holds the best weights of step 2, or none: --keep-last copies none
     kept = torch.load(out / "checkpoint.pt", weights_only=True)["best_weights"]
-    assert kept is None if keep_last else torch.equal(kept["tok_emb.weight"], seen[1]["after"]["tok_emb.weight"])
+    step_2 = seen[1]["after"]["tok_emb.weight"]
+    assert kept is None if keep_last else torch.equal(kept["tok_emb.weight"], step_2)
 
 
 def checkpoint_steps(monkeypatch) -> list[int]:
