@@ -294,8 +294,9 @@ def main(argv=None) -> None:
         raise ValueError("--fsdp needs several processes: torchrun --nproc_per_node N train.py ...")
     if not run or run.is_main:  # only rank 0 writes there (and two probes would collide)
         check_out_dir(out_dir)
-    if args.keep_memory and device.type == "cpu":  # CUDA has its own caching allocator
-        keep_freed_memory()
+    # CUDA has its own caching allocator; macOS and musl have no glibc malloc to tell
+    if args.keep_memory and not (device.type == "cpu" and keep_freed_memory()):
+        log("warning: --keep-memory changes nothing here (it needs the CPU and glibc's malloc)")
     data = load_data(args.data)
     tokenizer = get_tokenizer()
     model, cfg = build_model(args, log)
@@ -320,7 +321,6 @@ def main(argv=None) -> None:
         if run:
             load = partial(run.load, load)
         state, best = load(ckpt_path, model, optimizer, cfg)
-        best = None if args.keep_last else best
         log(f"resumed from {ckpt_path} at epoch {state.epoch + 1}, step {state.step}")
     log(f"settings: model {args.model}, epochs {args.epochs}, batch {args.batch_size}, lr {args.lr}, "
         f"weight decay {args.weight_decay}, eval every {args.eval_every} steps over "
