@@ -263,14 +263,15 @@ def story(rng: random.Random) -> str:
 PASSAGES = [(paragraph, 4), (qa, 2), (quiz, 1), (story, 1)]  # (builder, weight)
 
 
-def build_corpus(seed: int, n_passages: int, drill_rounds: int = 0) -> str:
+def build_corpus(seed: int, n_passages: int, drill_rounds: int = 0, comparisons: int = 0) -> str:
     """`n_passages` passages joined by <|endoftext|>; the same seed gives the same text. With
-    `drill_rounds`, the number drill's passages are shuffled in among them."""
+    `drill_rounds` or `comparisons`, the number drill's or the comparison round's passages are
+    shuffled in among them."""
     rng = random.Random(seed)
     builders, weights = zip(*PASSAGES)
     passages = [rng.choices(builders, weights)[0](rng) for _ in range(n_passages)]
-    if drill_rounds:
-        passages += drill_passages(seed + 1, drill_rounds)
+    if drill_rounds or comparisons:
+        passages += drill_passages(seed + 1, drill_rounds) + compare_passages(seed + 2, comparisons)
         rng.shuffle(passages)
     return SEP.join(passages)
 
@@ -316,8 +317,51 @@ def drill_passages(seed: int, rounds: int) -> list[str]:
             if rng.random() < 0.5:
                 passages.append(" ".join(statement for _, _, statement in chunk))
             else:
-                ask, reply = rng.choice(QA_LABELS)
-                passages.append("\n".join(f"{ask}{q}\n{reply}{statement}" for q, _, statement in chunk))
+                passages.append(qa_passage(rng, chunk))
+    return passages
+
+
+def qa_passage(rng: random.Random, chunk: list[tuple[str, str, str]]) -> str:
+    """(question, answer, statement) items as one dialogue, each question answered by its statement."""
+    ask, reply = rng.choice(QA_LABELS)
+    return "\n".join(f"{ask}{q}\n{reply}{statement}" for q, _, statement in chunk)
+
+
+# ---- the comparison round (continued pretraining): "is the first number the larger?" -------------
+# asked the instruction set's way round but in other words; the reply gives the verdict first and
+# then the true order ("No, 57 is less than 62."), so the model must weigh the two numbers before it
+# writes a word. Each number 1..99 is one token: their order lives in the embeddings, which learn it
+# from many pairs; far-apart pairs are learned first, so half the pairs are 1-9 apart.
+COMPARE_ASKS = ["Is {a} higher than {b}?", "Is {a} more than {b}?", "Does {a} exceed {b}?",
+                "Is {a} above {b}?", "Is {a} over {b}?"]
+
+
+def compare_pair(rng: random.Random) -> tuple[int, int]:
+    """Two different numbers 1..99: half drawn at random, half 1-9 apart."""
+    if rng.random() < 0.5:
+        return tuple(rng.sample(range(1, 100), 2))
+    while True:
+        a = rng.randint(1, 99)
+        b = a + rng.choice((-1, 1)) * rng.randint(1, 9)
+        if 1 <= b <= 99:
+            return a, b
+
+
+def compare_item(rng: random.Random, a: int, b: int) -> tuple[str, str, str]:
+    """(question, "Yes" or "No", the reply: the verdict, then the order of a and b)."""
+    reply = f"Yes, {a} is greater than {b}." if a > b else f"No, {a} is less than {b}."
+    return rng.choice(COMPARE_ASKS).format(a=a, b=b), reply.split(",")[0], reply
+
+
+def compare_passages(seed: int, n: int) -> list[str]:
+    """`n` comparisons, 3-8 a passage, each question answered by its reply."""
+    rng = random.Random(seed)
+    items = [compare_item(rng, *compare_pair(rng)) for _ in range(n)]
+    passages = []
+    while items:
+        n_here = rng.randint(3, 8)
+        chunk, items = items[:n_here], items[n_here:]
+        passages.append(qa_passage(rng, chunk))
     return passages
 
 

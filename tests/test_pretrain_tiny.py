@@ -186,6 +186,26 @@ def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(ent
     tiny_corpus.check_held_out(mixed, entries)  # the drill avoids the instruction set's phrasings
 
 
+def test_the_comparison_round_asks_whether_the_first_is_larger_and_answers_right(entries):
+    import random
+    rng = random.Random(0)
+    assert tiny_corpus.compare_item(rng, 62, 57)[1:] == ("Yes", "Yes, 62 is greater than 57.")
+    assert tiny_corpus.compare_item(rng, 57, 62)[1:] == ("No", "No, 57 is less than 62.")
+    passages = tiny_corpus.compare_passages(7, 2000)
+    pairs = [(int(a), int(b), verdict, int(c), int(d)) for p in passages for a, b, verdict, c, d in
+             re.findall(r"(\d+) \D+ (\d+)\?\n\w+: (Yes|No), (\d+) is \w+ than (\d+)\.", p)]
+    assert len(pairs) == 2000 and all(3 <= p.count("?") <= 8 for p in passages[:-1])
+    for a, b, verdict, c, d in pairs:  # the reply copies the question's numbers, verdict first
+        assert a != b and 1 <= min(a, b) and max(a, b) <= 99 and (c, d) == (a, b)
+        assert verdict == ("Yes" if a > b else "No")
+    close = sum(abs(a - b) <= 9 for a, b, *_ in pairs) / len(pairs)
+    assert 0.52 <= close <= 0.66  # half drawn 1-9 apart, plus random ones that fall so (~17 %)
+    assert tiny_corpus.compare_passages(7, 2000) == passages
+    mixed = tiny_corpus.build_corpus(4, 200, comparisons=300)  # its round is compare_passages(6, 300)
+    assert mixed.count(tiny_corpus.SEP) == 200 + len(tiny_corpus.compare_passages(6, 300)) - 1
+    tiny_corpus.check_held_out(mixed, entries)  # asked in other words than the instruction set's
+
+
 def test_init_continues_from_given_weights_and_refuses_another_size(tmp_path):
     from gpt import GPTModel, save_model
     cfg = model_config("tiny")
