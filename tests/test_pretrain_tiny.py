@@ -126,6 +126,17 @@ def test_corpus_only_writes_the_text(tmp_path):
     out = tmp_path / "corpus.txt"
     pretrain_tiny.main(["--passages", "50", "--corpus-only", str(out)])
     assert out.read_text(encoding="utf-8") == tiny_corpus.build_corpus(pretrain_tiny.SEED, 50)
+    pretrain_tiny.main(["--passages", "50", "--compare", "40", "--corpus-only", str(out)])
+    text = out.read_text(encoding="utf-8")
+    assert text == tiny_corpus.build_corpus(pretrain_tiny.SEED, 50, comparisons=40)
+    assert text.count(" is greater than ") + text.count(" is less than ") >= 40
+
+
+@pytest.mark.parametrize("flag", ["--drill", "--compare"])
+def test_a_negative_drill_or_comparison_count_is_refused(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        pretrain_tiny.parse_args([flag, "-1"])
+    assert stop.value.code == 2 and "must not be negative" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
