@@ -134,8 +134,8 @@ def main() -> None:
           + " | ".join(f"least {k} s" for k in rates) + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(rates))
     for name, c in counts.items():
         train, evaluation = (sum(c[part].values()) / 1e12 for part in ("train", "evaluation"))
-        head = (c["train"]["head"] + c["evaluation"]["head"]) / total(c)
-        print(f"| {name} | {c['steps']} | {train:.2f} | {evaluation:.2f} | {head:.0%} | "
+        share = (c["train"]["head"] + c["evaluation"]["head"]) / total(c)
+        print(f"| {name} | {c['steps']} | {train:.2f} | {evaluation:.2f} | {share:.0%} | "
               + " | ".join(f"{seconds_at(c, r):.1f}" for r in rates.values()) + " |")
     results = json.loads(args.results.read_text()) if args.results else {}
     book_seconds = results.get("book", {}).get("train_seconds")

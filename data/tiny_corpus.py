@@ -310,15 +310,21 @@ def drill_passages(seed: int, rounds: int) -> list[str]:
     answered by its statement (the question's numbers copied into the answer)."""
     rng, passages = random.Random(seed), []
     for _ in range(rounds):
-        items = number_facts(rng)
-        while items:
-            n = rng.randint(3, 8)
-            chunk, items = items[:n], items[n:]
+        for chunk in chunks(rng, number_facts(rng)):
             if rng.random() < 0.5:
                 passages.append(" ".join(statement for _, _, statement in chunk))
             else:
                 passages.append(qa_passage(rng, chunk))
     return passages
+
+
+def chunks(rng: random.Random, items: list):
+    """`items` in runs of 3-8, one passage each (the last may be shorter); lazily, so the caller's
+    own draws from `rng` stay between these, in the order the shipped corpus was built with."""
+    while items:
+        n = rng.randint(3, 8)
+        yield items[:n]
+        items = items[n:]
 
 
 def qa_passage(rng: random.Random, chunk: list[tuple[str, str, str]]) -> str:
@@ -357,12 +363,7 @@ def compare_passages(seed: int, n: int) -> list[str]:
     """`n` comparisons, 3-8 a passage, each question answered by its reply."""
     rng = random.Random(seed)
     items = [compare_item(rng, *compare_pair(rng)) for _ in range(n)]
-    passages = []
-    while items:
-        n_here = rng.randint(3, 8)
-        chunk, items = items[:n_here], items[n_here:]
-        passages.append(qa_passage(rng, chunk))
-    return passages
+    return [qa_passage(rng, chunk) for chunk in chunks(rng, items)]
 
 
 # ---- held out: no (instruction, input, output) of the instruction set may appear ---------------------
