@@ -2,9 +2,10 @@
 
 Counts the multiply-adds of the chapter-7 job that `book_job.py` times (training steps at 3x a
 forward pass, plus the evaluations every `--eval-every` steps over `--eval-batches` batches of the
-training and the validation split) two ways: batched as the book does (shuffled, padded to each
-batch's longest row, the output head on every position) and as `train.py` does (grouped by length,
-padded to a multiple of 16, the head only on positions with a target). Then times this CPU's
+training and the validation split) on the real batches two ways: book_job.py's book loaders
+(shuffled, padded to each batch's longest row, the output head on every position) and train.py's
+own (`recipe.prepare_loaders` for the model's preset: grouped by length, padded to a multiple of
+16, the head only on positions with a target). Then times this CPU's
 matrix products on the job's shapes. The time a program cannot go under is its FLOPs at that rate:
 with a `book_job.py --json` file, it prints the speed-up over the book's measured time that this
 project could reach if it did nothing but matrix products at the measured rate.
@@ -19,11 +20,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from collate import make_loader  # noqa: E402
-from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import recipe  # noqa: E402
+from book_job import loaders as book_loaders  # noqa: E402
+from data import get_tokenizer, load_data  # noqa: E402
 from gpt import model_config  # noqa: E402
-from recipe import DEFAULT_DATA, PAD_MULTIPLE, use_bf16  # noqa: E402
+
+
+def project_loaders(args):
+    """train.py's own loaders (recipe.prepare_loaders) for the model's preset, on the same entries."""
+    run = recipe.parse_args(["--model", args.model, "--batch-size", str(args.batch_size),
+                             "--seed", str(args.seed)])
+    data = load_data(args.data)[:args.entries or None]
+    return recipe.prepare_loaders(run, data, get_tokenizer(), torch.device("cpu"), log=lambda _: None)[0]
 
 
 def forward_flops(cfg: dict, batch_shape: tuple[int, int], head_rows: int) -> tuple[int, int]:
@@ -35,14 +45,10 @@ def forward_flops(cfg: dict, batch_shape: tuple[int, int], head_rows: int) -> tu
     return 2 * blocks, 2 * d * cfg["vocab_size"] * head_rows
 
 
-def job_flops(cfg: dict, parts, args, book: bool) -> dict:
-    """FLOPs of the job's training steps and of its evaluations, batched the book's way or ours."""
-    tokenizer = get_tokenizer()
-    loader = lambda part, train: make_loader(  # noqa: E731
-        InstructionDataset(part, tokenizer), args.batch_size, shuffle=train, drop_last=train,
-        seed=123, group_by_length=not book, allowed_max_length=1024,
-        pad_to_multiple=1 if book else PAD_MULTIPLE)
-    train_loader, val_loader = loader(parts[0], True), loader(parts[1], False)
+def job_flops(cfg: dict, loaders, args, book: bool) -> dict:
+    """FLOPs of the job's training steps and of its evaluations on (train, validation) loaders;
+    `book`: the head on every position, else only on positions with a target (train.py's)."""
+    train_loader, val_loader = loaders
 
     def add(into: dict, inputs, targets, times: int) -> None:
         head_rows = inputs.numel() if book else int((targets != -100).sum())
@@ -100,12 +106,13 @@ def total(counts: dict) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2-small")
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=recipe.DEFAULT_DATA)
     p.add_argument("--entries", type=int, default=240, help="the first N entries (0: all)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-batches", type=int, default=5)
+    p.add_argument("--seed", type=int, default=123)
     p.add_argument("--seconds", type=float, default=2.0, help="timing per matrix shape")
     p.add_argument("--results", type=Path, help="book_job.py --json output of the same job")
     return p.parse_args(argv)
@@ -114,18 +121,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     cfg = model_config(args.model)
-    parts = split_data(load_data(args.data)[:args.entries or None])
-    counts = {"book": job_flops(cfg, parts, args, book=True),
-              "project": job_flops(cfg, parts, args, book=False)}
+    book = book_loaders(args, torch.device("cpu"))
+    counts = {"book": job_flops(cfg, book, args, book=True),
+              "project": job_flops(cfg, project_loaders(args), args, book=False)}
     d, rows = cfg["emb_dim"], args.batch_size * 96  # ~96 tokens a row in the instruction data
     blocks = products([(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)], rows)
     head = products([(d, cfg["vocab_size"])], rows)
     dtypes = {"fp32": torch.float32}
-    if use_bf16("auto", torch.device("cpu")):
+    if recipe.use_bf16("auto", torch.device("cpu")):
         dtypes["bf16"] = torch.bfloat16
     rates = {k: (matmul_rate(blocks, t, args.seconds), matmul_rate(head, t, args.seconds))
              for k, t in dtypes.items()}
-    print(f"{args.model}, {len(parts[0])} training entries, {args.epochs} epoch(s), batch "
+    print(f"{args.model}, {len(book[0].dataset)} training entries, {args.epochs} epoch(s), batch "
           f"{args.batch_size}, eval every {args.eval_every} steps over {args.eval_batches} batches; "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}; matrix products (blocks / "
           "head) " + ", ".join(f"{k} {b / 1e9:.0f} / {h / 1e9:.0f} GFLOP/s" for k, (b, h) in rates.items())

@@ -40,10 +40,10 @@ def test_the_project_counts_the_head_on_targets_only_and_the_book_on_every_posit
     script = load_script()
     args = script.parse_args(["--model", "tiny", "--entries", "60", "--eval-every", "2",
                               "--eval-batches", "1"])
-    parts = script.split_data(script.load_data(args.data)[:60])
-    book = script.job_flops(model_config("tiny"), parts, args, book=True)
-    project = script.job_flops(model_config("tiny"), parts, args, book=False)
-    assert book["steps"] == project["steps"] == len(parts[0]) // 8
+    book_loaders = script.book_loaders(args, torch.device("cpu"))
+    book = script.job_flops(model_config("tiny"), book_loaders, args, book=True)
+    project = script.job_flops(model_config("tiny"), script.project_loaders(args), args, book=False)
+    assert book["steps"] == project["steps"] == len(book_loaders[0].dataset) // 8
     assert project["train"]["head"] < book["train"]["head"]  # the book's covers the padding too
 
 
