@@ -22,7 +22,8 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py) and t
 from data import ENDOFTEXT, atomic_write_bytes, cli_main, get_tokenizer, load_data  # noqa: E402
 from gpt import GPTModel, load_model, model_config, save_model  # noqa: E402
 import train  # noqa: E402  (the learning-rate schedule)
-from tiny_corpus import build_corpus, check_held_out  # noqa: E402
+from tiny_corpus import check_held_out  # noqa: E402
+from tiny_rounds import round_corpus  # noqa: E402
 
 OUT = HERE / "tiny-pretrained.pt"
 INSTRUCTIONS = HERE / "instruction-data.json"
@@ -186,6 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shuffle in ROUNDS passes over every small sum, product and unit conversion")
     p.add_argument("--compare", type=int, default=0, metavar="N",
                    help="shuffle in N yes-or-no comparisons of two numbers 1..99 (the comparison round)")
+    p.add_argument("--forms", type=int, default=0, metavar="N",
+                   help="shuffle in N questions answered at a line's start (the answer-form round)")
     p.add_argument("--instructions", type=Path, default=INSTRUCTIONS,
                    help="the instruction set that must stay out of the corpus")
     args = p.parse_args(argv)
@@ -194,8 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("passages", "steps", "batch_size", "eval_every", "eval_batches", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.drill < 0 or args.compare < 0:
-        p.error("--drill and --compare must not be negative")
+    if min(args.drill, args.compare, args.forms) < 0:
+        p.error("--drill, --compare and --forms must not be negative")
     if not (args.lr > 0 and args.warmup >= 0 and 0 < args.held_out_frac < 0.5):
         p.error("--lr must be positive, --warmup not negative, --held-out-frac in (0, 0.5)")
     return args
@@ -211,7 +214,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     cfg = dict(model_config("tiny"), name="tiny")
     init = start_from(args.init, cfg) if args.init else None  # a wrong file fails before the corpus
-    corpus = build_corpus(args.seed, args.passages, args.drill, args.compare)
+    corpus = round_corpus(args.seed, args.passages, args.drill, args.compare, args.forms)
     check_held_out(corpus, load_data(str(args.instructions)))
     if args.corpus_only:
         atomic_write_bytes(args.corpus_only, corpus.encode("utf-8"))
@@ -220,7 +223,8 @@ def main(argv=None) -> None:
     tokens = tokenize(corpus, get_tokenizer())
     train_tokens, val_tokens = split_tokens(tokens, args.held_out_frac, args.window)
     drill = (f" + {args.drill} rounds of the number drill" if args.drill else "") + (
-        f" + {args.compare:,} comparisons" if args.compare else "")
+        f" + {args.compare:,} comparisons" if args.compare else "") + (
+        f" + {args.forms:,} answer-form questions" if args.forms else "")
     start = f"; starting from {args.init}" if args.init else ""
     log(f"corpus: {args.passages:,} passages{drill}, {len(tokens):,} tokens ({len(train_tokens):,} to train on, "
         f"{len(val_tokens):,} held out); {args.steps:,} steps x {args.batch_size} x "

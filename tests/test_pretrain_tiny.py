@@ -1,4 +1,5 @@
-"""Tests for data/tiny_corpus.py (the pretraining text, held out from the instruction set) and
+"""Tests for data/tiny_corpus.py (the pretraining text, held out from the instruction set),
+data/tiny_rounds.py (the continued pretraining's passages) and
 data/pretrain_tiny.py (the pretraining run that writes the `tiny` model's starting weights)."""
 import importlib.util
 import json
@@ -22,6 +23,7 @@ def load_script(name: str):
 
 
 tiny_corpus = load_script("tiny_corpus")
+tiny_rounds = load_script("tiny_rounds")
 pretrain_tiny = load_script("pretrain_tiny")
 
 
@@ -128,11 +130,13 @@ def test_corpus_only_writes_the_text(tmp_path):
     assert out.read_text(encoding="utf-8") == tiny_corpus.build_corpus(pretrain_tiny.SEED, 50)
     pretrain_tiny.main(["--passages", "50", "--compare", "40", "--corpus-only", str(out)])
     text = out.read_text(encoding="utf-8")
-    assert text == tiny_corpus.build_corpus(pretrain_tiny.SEED, 50, comparisons=40)
+    assert text == tiny_rounds.round_corpus(pretrain_tiny.SEED, 50, comparisons=40)
     assert text.count(" is greater than ") + text.count(" is less than ") >= 40
+    pretrain_tiny.main(["--passages", "50", "--forms", "30", "--corpus-only", str(out)])
+    assert out.read_text(encoding="utf-8") == tiny_rounds.round_corpus(pretrain_tiny.SEED, 50, forms=30)
 
 
-@pytest.mark.parametrize("flag", ["--drill", "--compare"])
+@pytest.mark.parametrize("flag", ["--drill", "--compare", "--forms"])
 def test_a_negative_drill_or_comparison_count_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as stop:
         pretrain_tiny.parse_args([flag, "-1"])
@@ -166,12 +170,12 @@ def test_the_first_stage_corpus_is_unchanged():
     text = tiny_corpus.build_corpus(1, 3000)
     assert hashlib.sha256(text.encode()).hexdigest() == (
         "49002e3531a63d47d583b434b88d95e6bd65a6cca480b07d9588b95c0f327930")
-    assert tiny_corpus.build_corpus(1, 3000, drill_rounds=0) == text
+    assert tiny_rounds.round_corpus(1, 3000) == text
 
 
 def test_number_facts_hold_every_sum_product_and_conversion_once():
     import random
-    items = tiny_corpus.number_facts(random.Random(0))
+    items = tiny_rounds.number_facts(random.Random(0))
     assert len(items) == 60 * 60 + 11 * 11 + 10 * 11  # sums 1..60, products 2..12, 10 units x 2..12
     found = {(int(n[0]), int(n[1])): a for q, a, _ in items  # (a, b) of each sum's question
              if len(n := re.findall(r"\d+", q)) == 2 and ("+" in q or "plus" in q or "sum" in q
@@ -184,15 +188,15 @@ def test_number_facts_hold_every_sum_product_and_conversion_once():
 
 
 def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(entries):
-    one = tiny_corpus.drill_passages(5, 1)
+    one = tiny_rounds.drill_passages(5, 1)
     text = "\n".join(one)
     # 47 + 38 once per round, in one of its five phrasings
     forms = ["47 plus 38 equals 85.", "47 + 38 = 85.", "Forty-seven plus thirty-eight is eighty-five.",
              "If you add 47 and 38, you get 85.", "The sum of 47 and 38 is 85."]
     assert sum(text.count(f) for f in forms) == 1
-    assert sum("\n".join(tiny_corpus.drill_passages(5, 3)).count(f) for f in forms) == 3
+    assert sum("\n".join(tiny_rounds.drill_passages(5, 3)).count(f) for f in forms) == 3
     assert all(3 <= p.count(".") for p in one[:-1])  # 3-8 facts a passage (the last may be short)
-    mixed = tiny_corpus.build_corpus(4, 200, drill_rounds=1)  # its drill is drill_passages(5, 1)
+    mixed = tiny_rounds.round_corpus(4, 200, drill_rounds=1)  # its drill is drill_passages(5, 1)
     assert mixed.count(tiny_corpus.SEP) == 200 + len(one) - 1
     tiny_corpus.check_held_out(mixed, entries)  # the drill avoids the instruction set's phrasings
 
@@ -200,9 +204,9 @@ def test_drill_passages_state_each_fact_once_a_round_and_mix_into_the_corpus(ent
 def test_the_comparison_round_asks_whether_the_first_is_larger_and_answers_right(entries):
     import random
     rng = random.Random(0)
-    assert tiny_corpus.compare_item(rng, 62, 57)[1:] == ("Yes", "Yes, 62 is greater than 57.")
-    assert tiny_corpus.compare_item(rng, 57, 62)[1:] == ("No", "No, 57 is less than 62.")
-    passages = tiny_corpus.compare_passages(7, 2000)
+    assert tiny_rounds.compare_item(rng, 62, 57)[1:] == ("Yes", "Yes, 62 is greater than 57.")
+    assert tiny_rounds.compare_item(rng, 57, 62)[1:] == ("No", "No, 57 is less than 62.")
+    passages = tiny_rounds.compare_passages(7, 2000)
     pairs = [(int(a), int(b), verdict, int(c), int(d)) for p in passages for a, b, verdict, c, d in
              re.findall(r"(\d+) \D+ (\d+)\?\n\w+: (Yes|No), (\d+) is \w+ than (\d+)\.", p)]
     assert len(pairs) == 2000 and all(3 <= p.count("?") <= 8 for p in passages[:-1])
@@ -211,10 +215,37 @@ def test_the_comparison_round_asks_whether_the_first_is_larger_and_answers_right
         assert verdict == ("Yes" if a > b else "No")
     close = sum(abs(a - b) <= 9 for a, b, *_ in pairs) / len(pairs)
     assert 0.52 <= close <= 0.66  # half drawn 1-9 apart, plus random ones that fall so (~17 %)
-    assert tiny_corpus.compare_passages(7, 2000) == passages
-    mixed = tiny_corpus.build_corpus(4, 200, comparisons=300)  # its round is compare_passages(6, 300)
-    assert mixed.count(tiny_corpus.SEP) == 200 + len(tiny_corpus.compare_passages(6, 300)) - 1
+    assert tiny_rounds.compare_passages(7, 2000) == passages
+    mixed = tiny_rounds.round_corpus(4, 200, comparisons=300)  # its round is compare_passages(6, 300)
+    assert mixed.count(tiny_corpus.SEP) == 200 + len(tiny_rounds.compare_passages(6, 300)) - 1
     tiny_corpus.check_held_out(mixed, entries)  # asked in other words than the instruction set's
+
+
+def test_the_answer_form_round_answers_at_the_start_of_a_line(entries):
+    import random
+    rng = random.Random(0)
+    assert tiny_rounds.form_reply(rng, "No", "No, 5 is less than 9.") == "No, 5 is less than 9."
+    assert {tiny_rounds.form_reply(rng, "lamb", "A baby sheep is called a lamb.") for _ in range(60)} == {
+        "lamb", '"lamb"', '"lamb" is the answer.'}
+    passages = tiny_rounds.form_passages(8, 3000)
+    lines = [line for p in passages for line in p.split("\n")]
+    questions, replies = lines[0::2], lines[1::2]
+    assert len(questions) == len(replies) == 3000 and all(q.endswith(("?", ".")) for q in questions)
+    labels = tuple(reply for _, reply in tiny_corpus.QA_LABELS)
+    assert not any(r.startswith(labels) or r.startswith(" ") for r in replies)  # nothing before the answer
+    odd = [(q, r) for q, r in zip(questions, replies) if "does not fit" in q]
+    assert len(odd) > 400  # the odd one out, weighted up (7 of the 37 makers, plus list items)
+    for q, r in odd:  # the reply names one of the four, the one from another group
+        items = q.split(": ", 2)[-1].rstrip("?").split(", ")
+        assert r.split('"')[1 if r.startswith('"') else 0] in items
+    verdicts = [(q, r) for q, r in zip(questions, replies) if r.startswith(("Yes, ", "No, "))]
+    for q, r in verdicts:
+        a, b = map(int, re.findall(r"\d+", q)[-2:])
+        assert r == (f"Yes, {a} is greater than {b}." if a > b else f"No, {a} is less than {b}.")
+    assert len(verdicts) > 400 and tiny_rounds.form_passages(8, 3000) == passages
+    mixed = tiny_rounds.round_corpus(4, 200, forms=300)  # its round is form_passages(7, 300)
+    assert mixed.count(tiny_corpus.SEP) == 200 + len(tiny_rounds.form_passages(7, 300)) - 1
+    tiny_corpus.check_held_out(mixed, entries)
 
 
 def test_init_continues_from_given_weights_and_refuses_another_size(tmp_path):
