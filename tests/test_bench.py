@@ -1,24 +1,17 @@
 """Smoke test of benchmarks/bench.py: a tiny run end to end, its table, its batches."""
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from child_io import FRESH_TORCH_S
+from script_loader import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH.parent))  # bench imports bench_generate from its own folder
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return module
+    return load_script("benchmarks/bench.py")  # with its folder on the path: it imports bench_generate
 
 
 def test_tiny_run_prints_throughput_step_time_and_memory(tmp_path):

@@ -1,6 +1,5 @@
 """Tests for data/make_dataset.py and the committed data/instruction-data.json it writes."""
 import collections
-import importlib.util
 import json
 import os
 import re
@@ -14,13 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_FILE = REPO / "data" / "instruction-data.json"
 FIELDS = ["instruction", "input", "output", "answer", "task"]
 
-# data/ has no __init__.py (a package there would shadow data.py), so load the script by path
-_spec = importlib.util.spec_from_file_location("make_dataset", REPO / "data" / "make_dataset.py")
-make_dataset = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_dataset)
-
 from data import load_data, split_data
 from evaluate import answer_contained
+from script_loader import load_script
+
+make_dataset = load_script("data/make_dataset.py")
 
 
 @pytest.fixture(scope="module")

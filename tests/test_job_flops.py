@@ -1,5 +1,4 @@
 """benchmarks/job_flops.py: its FLOP count against torch's own counter on the real model, and a run."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,16 +8,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from child_io import FRESH_TORCH_S
+from script_loader import load_script
 from gpt import GPTModel, model_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "job_flops.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("job_flops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_job_flops():
+    return load_script("benchmarks/job_flops.py")
 
 
 def test_a_training_step_counts_as_torch_counts_it_on_the_real_model():
@@ -27,7 +24,7 @@ def test_a_training_step_counts_as_torch_counts_it_on_the_real_model():
     model, inputs = GPTModel(cfg), torch.randint(0, cfg["vocab_size"], (2, 48))
     with FlopCounterMode(display=False) as counter:
         model(inputs).sum().backward()  # the head on all 96 positions, as the book's loss
-    blocks, head = load_script().forward_flops(cfg, (2, 48), head_rows=96)
+    blocks, head = load_job_flops().forward_flops(cfg, (2, 48), head_rows=96)
     # torch's counter has no formula for the CPU's fused attention kernel: that part by hand,
     # 2 products (q k^T, then with v) of 2 x 48 x 48 x 128 multiply-adds in each of 4 layers
     attention = 2 * 2 * (2 * 48 * 48 * 128) * 4
@@ -37,7 +34,7 @@ def test_a_training_step_counts_as_torch_counts_it_on_the_real_model():
 
 
 def test_the_project_counts_the_head_on_targets_only_and_the_book_on_every_position():
-    script = load_script()
+    script = load_job_flops()
     args = script.parse_args(["--model", "tiny", "--entries", "60", "--eval-every", "2",
                               "--eval-batches", "1"])
     book_loaders = script.book_loaders(args, torch.device("cpu"))

@@ -1,7 +1,6 @@
 """Tests for data/tiny_corpus.py (the pretraining text, held out from the instruction set),
 data/tiny_rounds.py (the continued pretraining's passages) and
 data/pretrain_tiny.py (the pretraining run that writes the `tiny` model's starting weights)."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,21 +9,14 @@ import pytest
 import torch
 
 from gpt import load_model, model_config
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    """data/ has no __init__.py (a package there would shadow data.py), so load by path."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny_corpus = load_script("tiny_corpus")
-tiny_rounds = load_script("tiny_rounds")
-pretrain_tiny = load_script("pretrain_tiny")
+tiny_corpus = load_script("data/tiny_corpus.py")
+tiny_rounds = load_script("data/tiny_rounds.py")
+pretrain_tiny = load_script("data/pretrain_tiny.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,17 @@
 """benchmarks/tiny_families.py: new entries of the rule families, scored per family."""
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import script_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "tiny_families.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("tiny_families", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_loader.load_script("benchmarks/tiny_families.py")
 
 
 def test_new_entries_cover_the_rule_families_and_leave_the_instruction_set_out():
