@@ -226,7 +226,7 @@ def test_the_answer_form_round_answers_at_the_start_of_a_line(entries):
     labels = tuple(reply for _, reply in tiny_corpus.QA_LABELS)
     assert not any(r.startswith(labels) or r.startswith(" ") for r in replies)  # nothing before the answer
     odd = [(q, r) for q, r in zip(questions, replies) if "does not fit" in q]
-    assert len(odd) > 400  # the odd one out, weighted up (7 of the 37 makers, plus list items)
+    assert len(odd) > 400  # the odd one out, weighted up (7 of the 39 makers, plus list items)
     for q, r in odd:  # the reply names one of the four, the one from another group
         items = q.split(": ", 2)[-1].rstrip("?").split(", ")
         assert r.split('"')[1 if r.startswith('"') else 0] in items
