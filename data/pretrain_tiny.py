@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.deterministic  # noqa: F401  (the fill_uninitialized_memory switch)
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py) and tiny_corpus.py
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py), tiny_corpus.py, tiny_rounds.py
 from data import ENDOFTEXT, atomic_write_bytes, cli_main, get_tokenizer, load_data  # noqa: E402
 from gpt import GPTModel, load_model, model_config, save_model  # noqa: E402
 import train  # noqa: E402  (the learning-rate schedule)
