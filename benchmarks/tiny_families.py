@@ -9,12 +9,11 @@ scores it.
 Run: python benchmarks/tiny_families.py out/model.pt [other/model.pt ...] [--per-family 100]
 """
 import argparse
+import collections
 import itertools
 import random
 import sys
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
@@ -84,16 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     entries = new_entries(args.per_family, args.seed, load_data(args.data))
-    counts = {"all": len(entries)}
-    for e in entries:
-        counts[e["task"]] = counts.get(e["task"], 0) + 1
+    counts = {"all": len(entries), **collections.Counter(e["task"] for e in entries)}
     tokenizer, columns = get_tokenizer(), {}
-    for path in args.models:
-        model = load_model(path)[0].eval()
+    for path in args.models:  # generate_responses runs in eval and inference mode
         print(f"answering {len(entries)} new entries with {path}", file=sys.stderr, flush=True)
-        with torch.no_grad():
-            responses = generate_responses(model, entries, tokenizer, max_new_tokens=args.max_new_tokens,
-                                           batch_size=32)
+        responses = generate_responses(load_model(path)[0], entries, tokenizer,
+                                       max_new_tokens=args.max_new_tokens, batch_size=32)
         columns[str(path)] = contained_by_family(responses, entries)
     print(render(columns, counts))
 
