@@ -191,17 +191,22 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2-medium", help="the book's choice (gpt2-medium)")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+def add_job_flags(p: argparse.ArgumentParser, model: str, entries: int, epochs: int) -> None:
+    """The flags that define the chapter-7 job (shared with job_flops.py, which counts its FLOPs)."""
+    p.add_argument("--model", default=model, help="default: %(default)s (the book's: gpt2-medium)")
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--entries", type=int, default=0, help="use the first N entries (0: all)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--entries", type=int, default=entries, help="use the first N entries (0: all)")
+    p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-batches", type=int, default=5)
     p.add_argument("--seed", type=int, default=123)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_job_flags(p, model="gpt2-medium", entries=0, epochs=2)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--prompts", type=int, default=110, help="test prompts for generation (110)")
     p.add_argument("--book-prompts", type=int, default=3, help="prompts for the book's loop (3)")
     p.add_argument("--programs", default="book,plain,project,project:--compile,generation",

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import recipe  # noqa: E402
-from book_job import loaders as book_loaders  # noqa: E402
+from book_job import add_job_flags, loaders as book_loaders  # noqa: E402
 from data import get_tokenizer, load_data  # noqa: E402
 from gpt import model_config  # noqa: E402
 
@@ -105,14 +105,7 @@ def total(counts: dict) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2-small")
-    p.add_argument("--data", default=recipe.DEFAULT_DATA)
-    p.add_argument("--entries", type=int, default=240, help="the first N entries (0: all)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-batches", type=int, default=5)
-    p.add_argument("--seed", type=int, default=123)
+    add_job_flags(p, model="gpt2-small", entries=240, epochs=1)
     p.add_argument("--seconds", type=float, default=2.0, help="timing per matrix shape")
     p.add_argument("--results", type=Path, help="book_job.py --json output of the same job")
     return p.parse_args(argv)
