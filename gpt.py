@@ -168,7 +168,8 @@ class GPTModel(nn.Module):
         if past + T > self.cfg["context_length"]:
             raise ValueError(f"sequence of {past + T} tokens exceeds the context length "
                              f"{self.cfg['context_length']}")
-        if pad_mask is None:
+        no_padding = pad_mask is None  # known without looking (a host sync a CUDA graph forbids)
+        if no_padding:
             pad_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         full_mask = pad_mask if cache is None or cache.pad_mask is None \
             else torch.cat([cache.pad_mask, pad_mask], dim=1)
@@ -176,7 +177,8 @@ class GPTModel(nn.Module):
             cache.pad_mask = full_mask
         # positions count real tokens only, so a left-padded row starts at position 0
         pos = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
-        attn_mask = None if past == 0 and bool(pad_mask.all()) else attention_mask(full_mask, T)
+        attn_mask = None if past == 0 and (no_padding or bool(pad_mask.all())) \
+            else attention_mask(full_mask, T)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, attn_mask, cache, layer)

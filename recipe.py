@@ -222,6 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA scale: the update is alpha * x @ A @ B, as the book (16)")
     p.add_argument("--lora-targets", nargs="+", metavar="LAYER",
                    help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, launch each step's kernels from Python instead of replaying "
+                        "the step recorded as a CUDA graph (slower; README, Performance)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the loss (model and head) with BACKEND (inductor)")
     p.add_argument("--fsdp", action="store_true",

@@ -3,7 +3,8 @@
 `project` is `python train.py` itself; `book` is the book's `train_model_simple` loop on the book's
 modules (book_model.py: fp32, untied head, AdamW's default update, the book's collate); `plain` is
 a plain loop a user would write on this project's model (bf16 autocast where native, fused AdamW,
-logits everywhere). All three start from the same random weights, written in Hugging Face's
+logits everywhere); `hf` is that loop on Hugging Face's GPT2LMHeadModel (where transformers is
+installed: a benchmark's reference, not a dependency of the project). All three start from the same random weights, written in Hugging Face's
 layout by export.py (no network), train on the same split with the same batches' contents, and
 evaluate every `--eval-every` steps over `--eval-batches` batches, as the book. Then test-set
 generation: this project's cached batches against the book's plain loop on a few prompts.
@@ -46,6 +47,27 @@ def loaders(args, device):
     return make(train_part, True), make(val_part, False)
 
 
+class HFLogits(torch.nn.Module):
+    """Hugging Face's GPT2LMHeadModel with `model`'s weights, behind the book's interface:
+    token ids in, logits out (`pos_emb` gives the book's loop the context length)."""
+
+    def __init__(self, model: GPTModel):
+        from transformers import GPT2Config, GPT2LMHeadModel
+        super().__init__()
+        cfg = model.cfg
+        self.hf = GPT2LMHeadModel(GPT2Config(
+            vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+            n_layer=cfg["n_layers"], n_head=cfg["n_heads"], resid_pdrop=cfg["drop_rate"],
+            embd_pdrop=cfg["drop_rate"], attn_pdrop=cfg["drop_rate"]))
+        missing, unexpected = self.hf.load_state_dict(hf_tensors(model), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to wte
+            raise ValueError(f"weights do not fit GPT2LMHeadModel: {missing} {unexpected}")
+        self.pos_emb = self.hf.transformer.wpe
+
+    def forward(self, idx):
+        return self.hf(idx, use_cache=False).logits
+
+
 def book_loop(model, optimizer, train_loader, val_loader, device, args, autocast) -> dict:
     """The book's `train_model_simple`: step, evaluate every eval_freq steps over eval_iter
     batches, and the book's 50-token sample (uncached) after each epoch."""
@@ -81,16 +103,17 @@ def book_loop(model, optimizer, train_loader, val_loader, device, args, autocast
 
 
 def run_loop(args, program: str) -> dict:
-    """`book` or `plain` in this process: load the weights, train, time the training only."""
+    """`book`, `plain` or `hf` in this process: load the weights, train, time the training only."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = GPTModel(model_config(args.model))
     load_weights(model, args.weights)
-    bf16 = program == "plain" and use_bf16("auto", device)
+    bf16 = program in ("plain", "hf") and use_bf16("auto", device)
     if program == "book":
         model = from_gpt(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
     else:
+        model = HFLogits(model) if program == "hf" else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
     model.to(device)
     train_loader, val_loader = loaders(args, device)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from child_io import FRESH_TORCH_S
 from script_loader import load_script
 
@@ -78,3 +80,18 @@ def test_the_books_modules_compute_the_same_logits_from_the_same_weights():
     assert book.out_head.weight.data_ptr() != book.tok_emb.weight.data_ptr()  # untied, as the book
     assert sum(p.numel() for p in book.parameters()) == \
         sum(p.numel() for p in ours.parameters()) + 50257 * 128
+
+
+def test_the_hugging_face_reference_computes_the_same_logits_from_the_same_weights():
+    pytest.importorskip("transformers")  # the benchmark's reference row only; not a dependency
+    import torch
+
+    from gpt import GPTModel, model_config
+    book_job = load_script("benchmarks/book_job.py")
+    torch.manual_seed(0)
+    ours = GPTModel(model_config("tiny")).eval()
+    hf = book_job.HFLogits(ours).eval()
+    ids = torch.randint(0, 50257, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids), ours(ids), rtol=1e-4, atol=1e-4)
+    assert hf.pos_emb.weight.shape == (256, 128)
