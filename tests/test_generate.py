@@ -322,3 +322,11 @@ def test_generate_runs_the_books_own_model_with_the_books_arguments():
     assert torch.equal(got, want) and len(set(want[:, 3:].flatten().tolist())) > 1
     with pytest.raises(ValueError, match="context_size is needed"):
         generate(book, idx, 4)
+
+
+def test_default_batch_size_is_16_off_the_gpu_and_for_models_without_a_config():
+    from generate import default_batch_size
+    model = GPTModel(model_config("tiny"))
+    assert default_batch_size(model, 300) == 16
+    book_like = torch.nn.Linear(2, 2)  # no cfg: the size of its cache is unknown
+    assert default_batch_size(book_like, 300) == 16
