@@ -1,4 +1,4 @@
-"""train.HeadCrossEntropy, the CPU default of calc_loss_batch: the output head's cross-entropy a
+"""head_loss.HeadCrossEntropy, the CPU default of calc_loss_batch: the output head's cross-entropy a
 slice of the logits at a time, against F.cross_entropy, with hand-checked values."""
 import math
 
@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import head_loss
 import train
 from gpt import GPTModel
-from train import HeadCrossEntropy
+from head_loss import HeadCrossEntropy
 
 # more rows than one slice of the head's weight (VOCAB_CHUNK), the last slice partial, so the
 # slicing loops in HeadCrossEntropy's forward and backward run three times
-VOCAB = 2 * train.VOCAB_CHUNK + 17
+VOCAB = 2 * head_loss.VOCAB_CHUNK + 17
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
          "drop_rate": 0.0, "qkv_bias": True}
 
@@ -35,7 +36,7 @@ def test_chunked_head_loss_equals_cross_entropy_in_value_and_gradients(chunk):
     torch.manual_seed(0)
     hidden = torch.randn(7, 16, requires_grad=True)
     weight = torch.randn(VOCAB, 16, requires_grad=True)
-    targets = torch.tensor([3, VOCAB - 1, train.VOCAB_CHUNK, 8000, 9000, VOCAB - 10, 0])
+    targets = torch.tensor([3, VOCAB - 1, head_loss.VOCAB_CHUNK, 8000, 9000, VOCAB - 10, 0])
     reference = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
     expected = torch.autograd.grad(2 * reference, (hidden, weight))
     loss = HeadCrossEntropy.apply(hidden, weight, targets, chunk)
@@ -56,7 +57,7 @@ def test_chunked_head_loss_without_gradient_gives_the_same_value():
 
 
 def test_chunked_head_loss_under_bf16_autocast_matches_autocast_cross_entropy(monkeypatch):
-    monkeypatch.setattr(train, "VOCAB_CHUNK", 16)  # 50 rows: four slices, the last of 2
+    monkeypatch.setattr(head_loss, "VOCAB_CHUNK", 16)  # 50 rows: four slices, the last of 2
     torch.manual_seed(0)
     hidden = torch.randn(9, 32, requires_grad=True)
     weight = torch.randn(50, 32, requires_grad=True)
