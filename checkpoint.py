@@ -49,6 +49,8 @@ def load_checkpoint(path, model, optimizer, cfg) -> tuple[RunState, dict]:
     try:
         load_state(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in getattr(optimizer, "param_groups", []):  # a CUDA graph run's tensor rate
+            group["lr"], group["capturable"] = float(group["lr"]), False
         torch.set_rng_state(ckpt["torch_rng"])
         best = ckpt["best_weights"]
         return RunState(**ckpt["state"]), copy_weights(model) if best is None else best

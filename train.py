@@ -320,7 +320,7 @@ def main(argv=None) -> None:
               file=sys.stderr)
         sys.exit(130)
     train_seconds = time.perf_counter() - start
-    graphs = None  # their memory goes back to the allocator before generation
+    graphs = loss_fn = None  # the graphs' memory goes back to the allocator before generation
     if args.keep_last:
         log(f"{reason}; kept the last weights (--keep-last); training took "
             f"{format_duration(train_seconds)}")

@@ -142,3 +142,18 @@ def test_recorded_graphs_train_and_evaluate_as_the_eager_step(bf16):
             expected = eager._forward_loss(inputs.cuda(), targets.cuda())  # eager, same autocast
             got = graphed.loss(inputs, targets, model, "cuda")
             assert got.item() == pytest.approx(expected.item(), rel=1e-3 if bf16 else 1e-5)
+
+
+def test_a_checkpoint_of_a_graphed_run_resumes_with_a_plain_optimizer(tmp_path):
+    from checkpoint import RunState, load_checkpoint, save_checkpoint
+    (model, opt), (other, other_opt) = two_runs()
+    graphed = GraphedTraining(model, opt, FULL_HEAD, bf16=False)
+    graphed.step(*batch(2, 8, seed=0))
+    cfg = dict(SMALL, name="small")
+    save_checkpoint(tmp_path / "c.pt", model, opt, RunState(step=1), None, cfg)
+    load_checkpoint(tmp_path / "c.pt", other, other_opt, cfg)
+    group = other_opt.param_groups[0]
+    assert type(group["lr"]) is float and group["capturable"] is False  # not the graph's own
+    set_lr(other_opt, 1e-3)  # the book's step takes it from here, on any device
+    assert train_step(other, other_opt, *batch(2, 8, seed=1), "cpu", loss_fn=FULL_HEAD)[1] == 12
+    assert all(float(s["step"]) == 2 for s in other_opt.state.values())
