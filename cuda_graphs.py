@@ -62,7 +62,7 @@ class GraphedTraining:
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
                                 enabled=bf16, cache_enabled=False)
         prepare_optimizer(optimizer)
-        self.graphs = {}  # (train?, batch shape) -> (graph, inputs, targets, loss)
+        self.graphs = {}  # (step?, train mode?, batch shape) -> (graph, loss, inputs, targets)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     # ---- what one replay does --------------------------------------------------------------
