@@ -43,7 +43,7 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p)
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(p)
-    optimizer.found_inf = torch.zeros((), device=optimizer.param_groups[0]["params"][0].device)
+    optimizer.found_inf = torch.zeros((), device=device)  # one device: the model's
 
 
 class GraphedTraining:

@@ -1,13 +1,14 @@
-"""The book's chapter-7 fine-tuning job, three ways, each a whole process: one table.
+"""The book's chapter-7 fine-tuning job, four ways, each a whole process: one table.
 
 `project` is `python train.py` itself; `book` is the book's `train_model_simple` loop on the book's
 modules (book_model.py: fp32, untied head, AdamW's default update, the book's collate); `plain` is
 a plain loop a user would write on this project's model (bf16 autocast where native, fused AdamW,
 logits everywhere); `hf` is that loop on Hugging Face's GPT2LMHeadModel (where transformers is
-installed: a benchmark's reference, not a dependency of the project). All three start from the same random weights, written in Hugging Face's
-layout by export.py (no network), train on the same split with the same batches' contents, and
-evaluate every `--eval-every` steps over `--eval-batches` batches, as the book. Then test-set
-generation: this project's cached batches against the book's plain loop on a few prompts.
+installed: a benchmark's reference, not a dependency of the project). All of them start from the
+same random weights, written in Hugging Face's layout by export.py (no network), train on the same
+split with the same batches' contents, and evaluate every `--eval-every` steps over
+`--eval-batches` batches, as the book. Then test-set generation: this project's cached batches
+against the book's plain loop on a few prompts.
 Run: python benchmarks/book_job.py --device cuda (gpu_check.sh) or --device cpu --model gpt2-small
 """
 import argparse
