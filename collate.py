@@ -55,7 +55,7 @@ def padded_length(length: int, multiple: int) -> int:
 
     Batches then come in a few shapes instead of one per length, and on CPU the matrix-multiply
     library prepares (and keeps) its kernels per shape: fewer shapes made training faster and its
-    memory stop growing (README, Performance). The extra positions are padding with ignored
+    memory stop growing (docs/performance.md). The extra positions are padding with ignored
     targets, so the loss is the same."""
     if multiple < 1:
         raise ValueError(f"pad_to_multiple must be at least 1, got {multiple}")
@@ -114,19 +114,6 @@ class LengthGroupedBatchSampler:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
-class WithPromptLength:
-    """A view of an InstructionDataset whose items are `(ids, prompt_len)` pairs."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __getitem__(self, index: int) -> tuple[list[int], int]:
-        return self.dataset.item_with_prompt_length(index)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
 def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 123,
                 mask_prompt: bool = False, allowed_max_length: int | None = None,
                 group_by_length: bool = True, device="cpu", pad_to_multiple: int = 1,
@@ -142,6 +129,8 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
                                         seed=seed, group=group_by_length)
     collate = partial(custom_collate_fn, allowed_max_length=allowed_max_length, device=device,
                       mask_prompt=mask_prompt, pad_to_multiple=pad_to_multiple)
-    return DataLoader(WithPromptLength(dataset) if mask_prompt else dataset,
-                      batch_sampler=sampler, collate_fn=collate, num_workers=0,
+    # the items in a plain list, read once: with --mask-prompt, (ids, prompt_len) pairs
+    items = [dataset.item_with_prompt_length(i) if mask_prompt else dataset[i]
+             for i in range(len(dataset))]
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=0,
                       pin_memory=pin_memory)

@@ -1,24 +1,19 @@
 """Step 1 of the pipeline: text in, token ids out. The offline GPT-2 tokenizer (`get_tokenizer`),
 the prompt styles (`format_input`), checked data loading and splitting (`load_data`, `split_data`),
-`InstructionDataset`, and the safe-file helpers every script shares (`download`,
-`atomic_write_bytes`, `write_json`, `cli_main`). Batching lives in collate.py, not here.
+`InstructionDataset`, and what every script shares: files written whole (`atomic_write_bytes`,
+`write_json`) and one-line errors (`cli_main`). Batching lives in collate.py, downloads in
+training/files.py.
 """
 import hashlib
-import http.client
 import json
 import os
-import re
 import secrets
 import sys
-import time
 import traceback
-import urllib.error
-import urllib.request
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 import tiktoken
 
@@ -125,7 +120,7 @@ def format_response(entry: dict, style: str = "alpaca") -> str:
     return response_header(style) + entry["output"]
 
 
-# ---- files: atomic writes, checked downloads ---------------------------------------------------
+# ---- files: written whole or not at all -------------------------------------------------------
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `path` so that it is either the old file or the complete new one, never a mix:
     a temporary file in the same folder, flushed to disk, then renamed over `path`."""
@@ -148,96 +143,7 @@ def write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def show_progress(name: str, done: int, total: int | None, new: int, start: float,
-                  end: str = "") -> None:
-    """One progress line on stderr: bytes, percent, speed of this run's `new` bytes."""
-    speed = new / 1e6 / max(time.perf_counter() - start, 1e-9)
-    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total \
-        else f"{done / 1e6:.1f} MB"
-    print(f"\r{name}: {size}, {speed:.1f} MB/s", end=end, file=sys.stderr, flush=True)
-
-
-def download(url: str, dest, expected_size: int | None = None, sha256: str | None = None,
-             progress: bool = True, timeout: float = 30.0) -> Path:
-    """Fetch `url` to `dest`. Bytes go to `dest.part` first; a .part left by an interrupted run is
-    resumed with an HTTP Range request (or restarted if the server ignores it). Only a complete,
-    verified file is renamed to `dest`. Errors: OSError (network), ValueError (wrong file)."""
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        size = fetch_to_part(url, part, timeout, dest.name if progress else None)
-    except urllib.error.HTTPError as e:
-        raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-        raise OSError(f"download of {url} failed: {reason} (run again to resume)") from None
-    problem = None
-    if expected_size is not None and size != expected_size:
-        problem = f"got {size:,} bytes, expected {expected_size:,}"
-    elif sha256:
-        with open(part, "rb") as f:
-            if (got := hashlib.file_digest(f, "sha256").hexdigest()) != sha256:
-                problem = f"sha256 {got} is not the expected {sha256}"
-    if problem:
-        part.unlink()
-        raise ValueError(f"download of {url}: {problem}; the partial file was removed")
-    os.replace(part, dest)
-    return dest
-
-
-def fetch_to_part(url: str, part: Path, timeout: float, progress_name: str | None) -> int:
-    """Write the rest of `url` onto `part` and return its size; raise OSError if it came short."""
-    for _ in range(2):  # a second round only after a stale .part was thrown away
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"User-Agent": "gpt2-instruct", **({"Range": f"bytes={have}-"} if have else {})}
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                          timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code != 416 or not have:
-                raise
-            part.unlink()  # 416: the .part is already as long as the file, or longer
-            continue
-        with resp:
-            if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(
-                    f"bytes {have}-"):
-                part.unlink()  # not the range we asked for: start over
-                continue
-            have = have if resp.status == 206 else 0  # 200: the server sent the whole file
-            length = resp.headers.get("Content-Length")
-            total = have + int(length) if length else None
-            first, start, shown = have, time.perf_counter(), 0.0
-            with open(part, "ab" if have else "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    have += len(chunk)
-                    if progress_name and time.perf_counter() - shown > 0.5:
-                        show_progress(progress_name, have, total, have - first, start)
-                        shown = time.perf_counter()
-                f.flush()
-                os.fsync(f.fileno())
-            if progress_name:
-                show_progress(progress_name, have, total, have - first, start, "\n")
-        if total is not None and have < total:
-            raise OSError(f"connection dropped at {have:,} of {total:,} bytes")
-        return have
-    raise OSError("the server keeps answering with the wrong byte range")
-
-
 # ---- data: load, check, split ------------------------------------------------------------------
-def cache_root() -> Path:
-    """Where downloads go (data sets, GPT-2 weights): $GPT2_INSTRUCT_CACHE or ~/.cache/gpt2-instruct."""
-    return Path(os.environ.get("GPT2_INSTRUCT_CACHE") or Path.home() / ".cache" / "gpt2-instruct")
-
-
-def cached_path(url: str, cache_dir=None) -> Path:
-    """A file name per URL: a hash (different URLs never collide) plus the URL's own file name."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urlparse(url).path).name) or "data.json"
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return Path(cache_dir or cache_root() / "data") / f"{digest}-{name}"
-
-
 def entry_problem(entry, require_output: bool = True) -> str | None:
     """Why `entry` is not a usable instruction entry, or None. Extra fields are kept."""
     if not isinstance(entry, dict):
@@ -282,26 +188,19 @@ def parse_entries(raw: bytes, require_output: bool = True) -> list[dict]:
     return data
 
 
-def load_data(source: str, require_output: bool = True, cache_dir=None) -> list[dict]:
-    """Instruction entries from a local JSON file or an http(s) URL (downloaded once into the
-    cache). Invalid data raises ValueError naming the source and the first bad entry's index."""
-    is_url = urlparse(source).scheme in ("http", "https")
-    path = cached_path(source, cache_dir) if is_url else Path(source)
-    fresh = is_url and not path.exists()
-    if fresh:
-        download(source, path, progress=False)
+def load_data(path, require_output: bool = True) -> list[dict]:
+    """Instruction entries from a JSON file (the book's format: a list of objects with string
+    `instruction`, `output` and optional `input`); ValueError names the file and the first bad
+    entry. training/files.py's `fetch_data` turns a URL into such a file."""
+    path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {source}")
+        raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
-        raise ValueError(f"{source} is a directory, not a JSON file")
+        raise ValueError(f"{path} is a directory, not a JSON file")
     try:
         return parse_entries(path.read_bytes(), require_output)
     except ValueError as e:
-        if is_url:
-            path.unlink(missing_ok=True)  # a bad cached copy is never used again
-            if not fresh:  # damaged since it was downloaded: fetch it once more
-                return load_data(source, require_output, cache_dir)
-        raise ValueError(f"{source}: {e}") from None
+        raise ValueError(f"{path}: {e}") from None
 
 
 def split_data(data: list, train_frac: float = 0.85, test_frac: float = 0.10):

@@ -15,7 +15,7 @@ import torch
 
 from data import PROMPT_STYLES, cli_main, format_input, get_tokenizer, load_data, response_header, \
     write_json
-from gpt import GPTModel, KVCache, load_model
+from gpt import GPTModel, pick_device
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -57,6 +57,37 @@ def generate_plain(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, cont
     return idx
 
 
+# ---- the KV cache: each new token attends to the cached keys and values of those before it ------
+class KVCache:
+    """Keys and values of the tokens seen so far, one (B, n_heads, T, head_dim) pair per layer
+    (GPTModel's attention appends to them), and `pad_mask` (B, T): which of those positions are
+    real tokens, not left padding."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pad_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append the new tokens' keys and values of `layer`; returns all of that layer's."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished sequences stop costing compute)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.pad_mask = self.pad_mask[rows]
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) token ids and (B, T) pad_mask (True = real token), padding on the left."""
     T = max(len(s) for s in seqs)
@@ -65,9 +96,36 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return idx, mask
 
 
-def last_logits(model: GPTModel, idx, cache: KVCache, pad_mask) -> torch.Tensor:
-    """(B, V) logits of the last position only: the 50257-wide head is skipped elsewhere."""
-    return model.out_head(model.hidden(idx, cache, pad_mask)[:, -1])
+def positions_and_mask(pad_mask: torch.Tensor, cache: KVCache | None = None):
+    """For new tokens whose real ones `pad_mask` marks (the cache remembers the earlier ones):
+    their positions, counting real tokens only (a left-padded row starts at 0), and the
+    attention mask, None where the fused causal kernel needs none."""
+    past = cache.pad_mask if cache is not None and cache.pad_mask is not None else None
+    full = pad_mask if past is None else torch.cat([past, pad_mask], dim=1)
+    if cache is not None:
+        cache.pad_mask = full
+    pos = (full.long().cumsum(dim=1) - 1).clamp(min=0)[:, full.shape[1] - pad_mask.shape[1]:]
+    no_mask = past is None and bool(pad_mask.all())
+    return pos, None if no_mask else attention_mask(full, pad_mask.shape[1])
+
+
+def attention_mask(pad_mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """(B, 1, n_new, T) bool: query i (the last n_new of T) sees real keys at or before it.
+    A query always sees itself, so a padding position never has an all-masked row (NaN)."""
+    T = pad_mask.shape[1]
+    query_pos = torch.arange(T - n_new, T, device=pad_mask.device)[:, None]
+    key_pos = torch.arange(T, device=pad_mask.device)[None, :]
+    causal = key_pos <= query_pos  # (n_new, T)
+    return ((causal & pad_mask[:, None, :]) | (key_pos == query_pos))[:, None]
+
+
+def last_logits(model: GPTModel, idx, cache: KVCache, pad_mask=None) -> torch.Tensor:
+    """(B, V) logits of the last position only: the 50257-wide head is skipped elsewhere.
+    pad_mask None: every token of `idx` is real."""
+    if pad_mask is None:
+        pad_mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+    pos, attn_mask = positions_and_mask(pad_mask, cache)
+    return model.out_head(model.hidden(idx, cache, pos, attn_mask)[:, -1])
 
 
 def generate_cached(model: GPTModel, prompts: list[list[int]], max_new_tokens: int,
@@ -239,14 +297,6 @@ def generate_responses(model: GPTModel, entries: list[dict], tokenizer, style: s
 
 
 # ---- command line -------------------------------------------------------------------------------
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def check_writable(path, flag: str = "--output") -> None:
     """Fail before generating, not after, when the output (given as `flag`) could not be written."""
     folder = Path(path).resolve().parent
@@ -316,7 +366,8 @@ def main() -> None:
         check_writable(args.output)
     entries = load_data(args.input_file, require_output=False) if args.input_file else None
     device = pick_device(args.device)
-    model, cfg = load_model(args.model_path, device=device)
+    from extras.book_format import load_any_model  # the book's .pth files too (a wing)
+    model, cfg = load_any_model(args.model_path, device=device)
     style = args.prompt_style or cfg.get("prompt_style", "alpaca")
     tokenizer = get_tokenizer()
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -1,11 +1,11 @@
-"""The GPT-2 model: architecture, presets, KV cache, and weight files.
+"""Step 3 of the pipeline: GPT-2, as the book's chapter 4 builds it, and its weight files.
 
-Entry points: `model_config(name)`, `GPTModel(cfg)`, `KVCache`, `load_gpt2(model, path)` for
-Hugging Face `model.safetensors` files, `save_model` / `load_model` for this project's own
-checkpoints (`load_model` and `load_weights` also read the book's `GPTModel` state dicts). It
-imports no other file of the project, so it can be copied alone. Names follow the book's chapter 4
-(`tok_emb`, `trf_blocks`, `final_norm`, `out_head`); query/key/value are one fused matrix, as in
-GPT-2's files. The head is tied to the token embedding unless the config says `tie_head: False`.
+`model_config(name)` and `GPTModel(cfg)` first: the book's model with the book's names (`tok_emb`,
+`trf_blocks`, `final_norm`, `out_head`; query, key and value are one fused matrix, as in GPT-2's
+files; the head is tied to the token embedding unless `cfg["tie_head"]` is False). Then the
+weights: Hugging Face `model.safetensors` (`load_gpt2`) and this project's own files
+(`save_model`, `load_model`, `load_weights`). Cached generation's KV cache and pad masks are in
+generate.py; the book's .pth files in extras/book_format.py. Imports no other project file.
 """
 import json
 import math
@@ -17,14 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 MODEL_NAMES = ("tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _SIZES = {  # emb_dim, n_layers, n_heads (GPT-2 paper, table 2)
-    "gpt2-small": (768, 12, 12),
-    "gpt2-medium": (1024, 24, 16),
-    "gpt2-large": (1280, 36, 20),
-    "gpt2-xl": (1600, 48, 25),
-}
+    "gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16),
+    "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
 HF_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
             "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
 
@@ -41,33 +37,11 @@ def model_config(name: str) -> dict:
             "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True}
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, one (B, n_heads, T, head_dim) pair per layer.
-
-    `pad_mask` (B, T) remembers which cached positions are real tokens, so left-padded rows
-    never attend to their padding and count positions from their first real token.
-    """
-
-    def __init__(self):
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.pad_mask: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.pad_mask is None else self.pad_mask.shape[1]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished sequences stop costing compute)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.pad_mask = self.pad_mask[rows]
-
-
+# ---- the book's model -------------------------------------------------------------------------
 class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        self.n_heads = cfg["n_heads"]
-        self.drop_rate = cfg["drop_rate"]
+        self.n_heads, self.drop_rate = cfg["n_heads"], cfg["drop_rate"]
         self.qkv = nn.Linear(cfg["emb_dim"], 3 * cfg["emb_dim"], bias=cfg["qkv_bias"])
         self.out_proj = nn.Linear(cfg["emb_dim"], cfg["emb_dim"])
 
@@ -76,21 +50,14 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            if layer < len(cache.keys):
-                k = torch.cat([cache.keys[layer], k], dim=2)
-                v = torch.cat([cache.values[layer], v], dim=2)
-                cache.keys[layer], cache.values[layer] = k, v
-            else:
-                cache.keys.append(k)
-                cache.values.append(v)
+        if cache is not None:  # generation: the keys and values of the earlier tokens come first
+            k, v = cache.extend(layer, k, v)
         dropout = self.drop_rate if self.training else 0.0
-        if attn_mask is None:  # no padding and no cache: the fused causal kernel
+        if attn_mask is None:  # the book's causal mask, inside the fused kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
-        return self.out_proj(y)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # re-assemble the heads
 
 
 class FeedForward(nn.Module):
@@ -100,7 +67,7 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"])
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's GELU
 
 
 class TransformerBlock(nn.Module):
@@ -115,18 +82,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x, attn_mask=None, cache=None, layer=0):
         x = x + self.drop_shortcut(self.att(self.norm1(x), attn_mask, cache, layer))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-
-def attention_mask(pad_mask: torch.Tensor, n_new: int) -> torch.Tensor:
-    """(B, 1, n_new, T) bool: query i (the last n_new of T) sees real keys at or before it.
-
-    A query always sees itself, so a padding position never has an all-masked row (NaN).
-    """
-    T = pad_mask.shape[1]
-    query_pos = torch.arange(T - n_new, T, device=pad_mask.device)[:, None]
-    key_pos = torch.arange(T, device=pad_mask.device)[None, :]
-    causal = key_pos <= query_pos  # (n_new, T)
-    return ((causal & pad_mask[:, None, :]) | (key_pos == query_pos))[:, None]
 
 
 class GPTModel(nn.Module):
@@ -146,10 +101,6 @@ class GPTModel(nn.Module):
             for proj in (block.att.out_proj, block.ff.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
 
-    @property
-    def tied_head(self) -> bool:
-        return self.out_head.weight is self.tok_emb.weight
-
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -157,69 +108,77 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, idx, cache=None, pad_mask=None):
-        """Final-LayerNorm output (B, T, emb_dim); `out_head` turns it into logits.
+    @property
+    def tied_head(self) -> bool:
+        return self.out_head.weight is self.tok_emb.weight
 
-        pad_mask (B, T) bool marks real tokens (False = left padding). With a cache, idx holds
-        only the new tokens and the cache supplies everything before them.
+    def forward(self, idx, cache=None, pos=None, attn_mask=None):
+        return self.out_head(self.hidden(idx, cache, pos, attn_mask))  # (B, T, vocab_size) logits
+
+    def hidden(self, idx, cache=None, pos=None, attn_mask=None):
+        """The final LayerNorm's output (B, T, emb_dim), which `out_head` turns into logits.
+
+        Without the keywords, the book's forward pass. Cached generation (generate.py) passes a
+        `cache` of the earlier tokens' keys and values (each layer's attention appends the new
+        ones), the new tokens' positions `pos` and an `attn_mask` (True: may attend) that keep
+        left padding out.
         """
-        B, T = idx.shape
         past = len(cache) if cache is not None else 0
-        if past + T > self.cfg["context_length"]:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context length "
-                             f"{self.cfg['context_length']}")
-        no_padding = pad_mask is None  # known without looking (a host sync a CUDA graph forbids)
-        if no_padding:
-            pad_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        full_mask = pad_mask if cache is None or cache.pad_mask is None \
-            else torch.cat([cache.pad_mask, pad_mask], dim=1)
-        if cache is not None:
-            cache.pad_mask = full_mask
-        # positions count real tokens only, so a left-padded row starts at position 0
-        pos = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
-        attn_mask = None if past == 0 and (no_padding or bool(pad_mask.all())) \
-            else attention_mask(full_mask, T)
+        if past + idx.shape[1] > self.cfg["context_length"]:
+            raise ValueError(f"sequence of {past + idx.shape[1]} tokens exceeds the context "
+                             f"length {self.cfg['context_length']}")
+        if past and attn_mask is None:  # the fused causal mask assumes no earlier tokens
+            raise ValueError("a forward pass after cached tokens needs their attn_mask")
+        if pos is None:
+            pos = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, attn_mask, cache, layer)
         return self.final_norm(x)
 
-    def forward(self, idx, cache=None, pad_mask=None):
-        return self.out_head(self.hidden(idx, cache, pad_mask))
+
+def pick_device(name: str = "auto") -> str:
+    """`--device`: "auto" is cuda, else mps, else cpu; one torch cannot use is a ValueError."""
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(),
+              "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if usable[d])
+    if not usable.get(name.split(":")[0]):
+        raise ValueError(f"--device {name}: not usable here (usable: "
+                         f"{', '.join(d for d in usable if usable[d])})")
+    return name
 
 
-# ---- Hugging Face safetensors files ---------------------------------------------------------
-# Format: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
-# then the raw little-endian tensor bytes; offsets count from the end of the header.
+# ---- GPT-2's weights: Hugging Face `model.safetensors` -----------------------------------------
+# The format: an 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape,
+# data_offsets}}, then the raw little-endian tensor bytes; offsets count from the header's end.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16}
 MAX_HEADER_BYTES = 100 * 2**20  # real GPT-2 headers are ~15 KB; refuse to allocate absurd sizes
 
 
-def _check_header_entry(name: str, info, data_size: int) -> tuple[torch.dtype, list, int, int]:
+def _header_entry(name: str, info, data_size: int) -> tuple[torch.dtype, list, int, int]:
     if not isinstance(info, dict):
         raise ValueError(f"tensor {name!r}: header entry is not an object")
     if not isinstance(info.get("dtype"), str) or info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
-    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-    shape, offsets = info.get("shape"), info.get("data_offsets")
+    dtype, shape, offsets = SAFETENSORS_DTYPES[info["dtype"]], info.get("shape"), \
+        info.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_size):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise ValueError(f"tensor {name!r}: data offsets {offsets!r} lie outside the "
                          f"{data_size}-byte data section (truncated file?)")
-    n_bytes = math.prod(shape) * dtype.itemsize
-    if offsets[1] - offsets[0] != n_bytes:
-        raise ValueError(f"tensor {name!r}: shape {shape} needs {n_bytes} bytes, "
-                         f"offsets give {offsets[1] - offsets[0]}")
+    if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {name!r}: shape {shape} needs {math.prod(shape) * dtype.itemsize}"
+                         f" bytes, offsets give {offsets[1] - offsets[0]}")
     return dtype, shape, offsets[0], offsets[1]
 
 
 def read_safetensors_header(f, path: Path) -> tuple[int, dict]:
     """Header checks on an open file: (data start, {name: (dtype, shape, begin, end)})."""
-    size = path.stat().st_size
-    head = f.read(8)
+    size, head = path.stat().st_size, f.read(8)
     if len(head) < 8:
         raise ValueError(f"{path}: not a safetensors file (truncated, {size} bytes)")
     n = int.from_bytes(head, "little")
@@ -234,8 +193,7 @@ def read_safetensors_header(f, path: Path) -> tuple[int, dict]:
         raise ValueError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
     try:
-        entries = {name: _check_header_entry(name, info, size - 8 - n)
-                   for name, info in header.items()}
+        entries = {name: _header_entry(name, info, size - 8 - n) for name, info in header.items()}
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
@@ -245,18 +203,8 @@ def read_safetensors_header(f, path: Path) -> tuple[int, dict]:
     return 8 + n, entries
 
 
-def check_safetensors_complete(path) -> None:
-    """ValueError unless the header is sound and its tensors end exactly where the file does."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        start, entries = read_safetensors_header(f, path)
-    end = max((e for _, _, _, e in entries.values()), default=0)
-    if start + end != path.stat().st_size:
-        raise ValueError(f"{path}: tensors end at byte {start + end} of {path.stat().st_size}")
-
-
 def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """Read every tensor of a .safetensors file, checking the header against the file first."""
+    """Every tensor of a .safetensors file, its header checked against the file first."""
     path = Path(path)
     with open(path, "rb") as f:
         start, entries = read_safetensors_header(f, path)
@@ -272,10 +220,10 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def hf_to_gpt_name(name: str) -> str | None:
-    """Map a Hugging Face GPT-2 tensor name to this model's parameter name (None = skip it)."""
-    name = name.removeprefix("transformer.")
+    """A Hugging Face GPT-2 tensor's name in this model (None: not a weight, skip it)."""
+    name = name.removeprefix("transformer.")  # save_pretrained's layout; the hub's has none
     if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", name):
-        return None  # causal-mask buffers, not parameters
+        return None  # causal-mask buffers
     fixed = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
              "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias",
              "lm_head.weight": "out_head.weight"}
@@ -291,12 +239,10 @@ def hf_to_gpt_name(name: str) -> str | None:
 
 
 def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[str, torch.Tensor]:
-    """Rename and transpose Hugging Face GPT-2 tensors into `model`'s state dict, checking shapes."""
-    expected = model.state_dict()
-    state = {}
+    """Hugging Face GPT-2 tensors renamed (and transposed) into `model`'s state dict."""
+    expected, state = model.state_dict(), {}
     for hf_name, tensor in tensors.items():
-        name = hf_to_gpt_name(hf_name)
-        if name is None:
+        if (name := hf_to_gpt_name(hf_name)) is None:
             continue
         if tensor.dim() == 2 and re.search(r"\.(qkv|out_proj|fc|proj)\.weight$", name):
             tensor = tensor.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
@@ -304,20 +250,20 @@ def gpt2_state_dict(tensors: dict[str, torch.Tensor], model: GPTModel) -> dict[s
             raise ValueError(f"tensor {hf_name!r} appears twice (with and without 'transformer.')")
         if name not in expected:
             raise ValueError(f"unexpected tensor {hf_name!r} for a {model.cfg['n_layers']}-layer model")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if tensor.shape != expected[name].shape:
             raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model wants "
                              f"{tuple(expected[name].shape)} (weights of another GPT-2 size?)")
         state[name] = tensor
-    for name in expected:
-        if name != "out_head.weight" and name not in state:
-            raise ValueError(f"missing tensor for {name!r} in the GPT-2 checkpoint")
+    missing = [name for name in expected if name != "out_head.weight" and name not in state]
+    if missing:
+        raise ValueError(f"missing tensor for {missing[0]!r} in the GPT-2 checkpoint")
     state.setdefault("out_head.weight", state["tok_emb.weight"])  # tied: the file has no lm_head
     return state
 
 
 def load_gpt2(model: GPTModel, path) -> GPTModel:
-    """Load a Hugging Face GPT-2 `model.safetensors` into a model built from the matching preset
-    (an `lm_head.weight` unlike `wte.weight` unties the model's head)."""
+    """The book's `load_weights_into_gpt` for a `model.safetensors` of the matching size (an
+    `lm_head.weight` unlike `wte.weight` unties the model's head)."""
     tensors = read_safetensors(path)
     try:
         state = gpt2_state_dict(tensors, model)
@@ -327,67 +273,10 @@ def load_gpt2(model: GPTModel, path) -> GPTModel:
     return model
 
 
-# ---- the book's checkpoints: torch.save(model.state_dict()) of its chapter 4 GPTModel --------
-# the book's name -> this model's, for the parts named differently (W_query, W_key, W_value aside)
-BOOK_RENAMES = {f"{norm}.{book}": f"{norm}.{ours}" for norm in ("norm1", "norm2", "final_norm")
-                for book, ours in (("scale", "weight"), ("shift", "bias"))}
-BOOK_RENAMES |= {"ff.layers.0.": "ff.fc.", "ff.layers.2.": "ff.proj."}
-
-
-def rename(name: str, renames: dict[str, str]) -> str:
-    """`name` with its first part found in `renames` replaced (no two parts overlap)."""
-    old = next((old for old in renames if old in name), None)
-    return name if old is None else name.replace(old, renames[old])
-
-
-def from_book(ckpt, source) -> dict | None:
-    """This model's state dict from the book's (chapter 5 also saves {"model_state_dict": ...,
-    "optimizer_state_dict": ...}), or None if `ckpt` is not one. The att.mask buffers are dropped;
-    W_query, W_key and W_value are stacked into the fused qkv, in that order."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_state_dict"), dict):
-        ckpt = ckpt["model_state_dict"]
-    if not (isinstance(ckpt, dict) and "final_norm.scale" in ckpt):
-        return None
-    state, qkv = {}, {}
-    for name, tensor in ckpt.items():
-        if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
-            raise ValueError(f"{source}: entry {name!r} is not a named tensor")
-        if re.fullmatch(r"trf_blocks\.\d+\.att\.mask", name):
-            continue  # the book's causal mask; the attention kernel here needs none
-        if m := re.fullmatch(r"(trf_blocks\.\d+\.att\.)W_(query|key|value)(\.weight|\.bias)", name):
-            qkv.setdefault(f"{m[1]}qkv{m[3]}", {})[m[2]] = tensor
-        else:
-            state[rename(name, BOOK_RENAMES)] = tensor
-    for name, parts in qkv.items():
-        if len(parts) != 3 or len({p.shape for p in parts.values()}) != 1:
-            raise ValueError(f"{source}: {name.replace('qkv', 'W_query/W_key/W_value')} are "
-                             f"not three tensors of one shape")
-        state[name] = torch.cat([parts["query"], parts["key"], parts["value"]])
-    return state
-
-
-def config_from_state(state: dict, source) -> dict:
-    """The config of a state dict in this model's names, from its shapes; the heads (which shapes
-    cannot tell) are those of the preset of that width."""
-    try:
-        emb = state["tok_emb.weight"]
-        (vocab_size, width), context_length = emb.shape, state["pos_emb.weight"].shape[0]
-    except (KeyError, AttributeError, ValueError, IndexError):
-        raise ValueError(f"{source}: no token and position embeddings of a GPT model") from None
-    name = next((n for n in MODEL_NAMES if model_config(n)["emb_dim"] == width), None)
-    if name is None:
-        raise ValueError(f"{source}: embedding width {width} is none of {', '.join(MODEL_NAMES)}")
-    head = state.get("out_head.weight", emb)
-    return dict(model_config(name), name=name, vocab_size=vocab_size, context_length=context_length,
-                n_layers=len({k.split(".")[1] for k in state if k.startswith("trf_blocks.")}),
-                qkv_bias="trf_blocks.0.att.qkv.bias" in state,
-                tie_head=head is emb or (isinstance(head, torch.Tensor) and torch.equal(head, emb)))
-
-
-# ---- this project's own checkpoints ---------------------------------------------------------
+# ---- this project's files: the weights with their config --------------------------------------
 def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it: the
-    file is the old one or the complete new one, and it is streamed (never a copy in memory)."""
+    """torch.save streamed to a temporary file beside `path`, flushed, then renamed over it: the
+    file is the old one or the complete new one, never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -405,36 +294,34 @@ def atomic_save(obj, path) -> None:
 
 
 def save_model(model: GPTModel, cfg: dict, path) -> None:
-    """Write the weights and the config they need to `path` atomically (temp file + rename)."""
+    """The weights and the config that rebuilds their model, written atomically."""
     config = dict(cfg)
-    if not model.tied_head or "tie_head" in config:  # files without the key load tied, as before
+    if not model.tied_head or "tie_head" in config:  # files without the key load tied
         config["tie_head"] = model.tied_head
     atomic_save({"format": "gpt2-instruct", "config": config, "state_dict": model.state_dict()},
                 path)
 
 
 def read_checkpoint(path) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes), not a model")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise
     except Exception as e:  # pickle errors come in many classes; all mean "not our file"
         raise ValueError(f"{path}: not a PyTorch checkpoint this project can load safely "
-                         f"({str(e).splitlines()[0][:200]})") from None
+                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def load_model(path, device="cpu") -> tuple[GPTModel, dict]:
-    """Load a model written by `save_model`, or the book's GPTModel state dict (its size read from
-    the shapes); returns it in eval mode with its config."""
+    """A model written by `save_model`, in eval mode, with its config."""
     ckpt = read_checkpoint(path)
-    if (state := from_book(ckpt, path)) is not None:
-        cfg = config_from_state(state, path)
-    elif isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct":
-        cfg, state = ckpt.get("config"), ckpt.get("state_dict")
-    else:
-        raise ValueError(f"{path}: neither a model saved by this project (no gpt2-instruct header) "
-                         f"nor a state dict of the book's GPTModel")
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == "gpt2-instruct"):
+        raise ValueError(f"{path}: not a model saved by this project (no gpt2-instruct header; "
+                         f"the book's .pth: `python extras/export.py FILE --to model OUT.pt`)")
+    cfg, state = ckpt.get("config"), ckpt.get("state_dict")
     if not (isinstance(state, dict) and valid_config(cfg) and cfg["n_layers"] <= len(state)):
         raise ValueError(f"{path}: its config or state dict is missing or malformed")
     with torch.device("meta"):  # shapes only: a wrong config must not allocate a huge model
@@ -453,19 +340,6 @@ def valid_config(cfg) -> bool:
             and type(cfg.get("tie_head", True)) is bool)
 
 
-def load_state(model: GPTModel, state: dict, source, untie: bool = False) -> None:
-    """Load a state dict in this model's names. A head unlike the embedding would be lost on a
-    tied model: `untie` gives the head its own weight first (before any optimizer sees it)."""
-    check_state(model.state_dict(), state, source)
-    if model.tied_head and not torch.equal(state["out_head.weight"], state["tok_emb.weight"]):
-        if not untie:
-            raise ValueError(f"{source}: its output head differs from its token embedding, but "
-                             f"this model ties the two (train.py: resume with the run's --weights)")
-        model.out_head.weight = nn.Parameter(torch.empty_like(model.tok_emb.weight))
-        model.cfg["tie_head"] = False
-    model.load_state_dict(state)
-
-
 def check_state(expected: dict, state: dict, source) -> None:
     """A one-line ValueError naming the first missing, mismatched or unexpected tensor."""
     for name, tensor in expected.items():
@@ -479,25 +353,28 @@ def check_state(expected: dict, state: dict, source) -> None:
         raise ValueError(f"{source}: unexpected tensor {extra[0]!r}")
 
 
+def load_state(model: GPTModel, state: dict, source, untie: bool = False) -> None:
+    """Load a state dict in this model's names. A head unlike the embedding would be lost on a
+    tied model: `untie` gives the head its own weight first (before any optimizer sees it)."""
+    check_state(model.state_dict(), state, source)
+    if model.tied_head and not torch.equal(state["out_head.weight"], state["tok_emb.weight"]):
+        if not untie:
+            raise ValueError(f"{source}: its output head differs from its token embedding, but "
+                             f"this model ties the two (train.py: resume with the run's --weights)")
+        model.out_head.weight = nn.Parameter(torch.empty_like(model.tok_emb.weight))
+        model.cfg["tie_head"] = False
+    model.load_state_dict(state)
+
+
 def load_weights(model: GPTModel, path) -> GPTModel:
-    """`--weights PATH`: a Hugging Face .safetensors file, a .pt written by this project, or the
-    book's GPTModel state dict (its own head unties `model`'s; no qkv bias is a zero one)."""
+    """Pretrained weights into `model`: a Hugging Face .safetensors file, or a .pt written by this
+    project (a head of its own unties `model`'s); the book's .pth: extras/book_format.py."""
     with open(path, "rb") as f:
         is_zip = f.read(2) == b"PK"  # torch.save's format is a zip archive
     if not is_zip:
         return load_gpt2(model, path)
     ckpt = read_checkpoint(path)
-    if (state := from_book(ckpt, path)) is not None:
-        got, cfg = config_from_state(state, path), model.cfg
-        if any(got[k] != cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_layers")):
-            raise ValueError(f"{path}: a {got['name']}-sized model ({got['n_layers']} layers, "
-                             f"width {got['emb_dim']}, context {got['context_length']}), not the "
-                             f"one built here ({cfg['n_layers']}, {cfg['emb_dim']}, "
-                             f"{cfg['context_length']}); train.py: pass --model {got['name']}")
-        for i in range(cfg["n_layers"] if cfg["qkv_bias"] else 0):
-            state.setdefault(f"trf_blocks.{i}.att.qkv.bias", torch.zeros(3 * cfg["emb_dim"]))
-    elif isinstance(ckpt, dict):
-        state = ckpt.get("state_dict", ckpt)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds no state dict")
     load_state(model, state, path, untie=True)

@@ -2,8 +2,9 @@
 
 Each configuration runs in a child process of its own (`--one`, JSON out), so its peak resident
 memory (ru_maxrss) is its alone. `run_training` times the real `train.train_step` on the real
-loader's batches; `run_inference` times cached batched generation or the book's uncached loop.
-Run: python benchmarks/bench.py --compare   (prints a Markdown table for the README)
+loader's batches, with the loss that fast/step.py's `make_step` gives train.py (`bench_loss`, each
+of its pieces switchable); `run_inference` times cached batched generation or the book's uncached
+loop. Run: python benchmarks/bench.py --compare   (prints a Markdown table for docs/performance.md)
 """
 import argparse
 import json
@@ -19,21 +20,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 from bench_generate import EOS  # noqa: E402
 from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
-from generate import encode_prompts, generate, generate_batched, pick_device  # noqa: E402
-from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
-import train as train_module  # noqa: E402
-from fastpath import AdamWInBackward, recast_saved_weights, release_free_memory  # noqa: E402
-from recipe import DEFAULT_DATA, PAD_MULTIPLE, make_autocast, use_bf16  # noqa: E402
-from train import calc_loss_batch, make_optimizer, train_step  # noqa: E402
+from generate import encode_prompts, generate, generate_batched  # noqa: E402
+from gpt import MODEL_NAMES, GPTModel, model_config, pick_device  # noqa: E402
+from fast.step import attention_kernel, target_loss, use_bf16  # noqa: E402
+from fast.tricks import AdamWInBackward, recast_saved_weights, release_free_memory  # noqa: E402
+from train import calc_loss_batch, train_step  # noqa: E402
+from training.run import DEFAULT_DATA, PAD_MULTIPLE, make_optimizer  # noqa: E402
 
 GIB = 2**30
 # train.py's default step, and each way to change it: the flags of this script (train.py has the
-# ones marked so in the README); fastpath.py's opt-in tricks come last.
+# ones marked so in docs/performance.md); fast/tricks.py's opt-in tricks come last.
 DEFAULT = dict(precision="auto", group=True, full_head=False, tied=True, fused=True,
                pad_multiple=PAD_MULTIPLE, pick_attention=True, plain_head=False,
                in_backward=False, recast=False, trim=False)
@@ -85,14 +86,24 @@ def bench_batches(dataset, batch_size: int, n: int, group: bool, seed: int, max_
     return batches[:n]
 
 
-def bench_step(model, optimizer, inputs, targets, device, autocast, loss_fn, recast: bool,
-               trim: bool) -> tuple[float, int]:
-    """train.train_step, with fastpath's recast and trim around it when asked."""
-    with recast_saved_weights() if recast else nullcontext():
-        result = train_step(model, optimizer, inputs, targets, device, autocast, loss_fn)
-    if trim:
-        release_free_memory()
-    return result
+def bench_loss(device: torch.device, bf16: bool, full_head: bool = False, plain_head: bool = False,
+               pick_attention: bool = True, recast: bool = False, torch_compile: bool = False):
+    """train_step's loss as fast/step.py's `make_step` builds it for train.py on CPU (head on
+    targets, sliced on CPU; bf16 autocast; plain attention on short CPU rows), each piece
+    switchable: the book's `calc_loss_batch`, the head in one piece, the fused kernel everywhere,
+    no autocast weight cache (`recast`), torch.compile."""
+    loss = calc_loss_batch if full_head else \
+        partial(target_loss, sliced=device.type == "cpu" and not plain_head)
+    if torch_compile:  # as train.py --compile; compiles during the warm-up steps
+        loss = torch.compile(loss)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16,
+                       cache_enabled=False if recast else None)
+    kernel = attention_kernel if pick_attention else (lambda dev, seq_len: nullcontext())
+
+    def loss_fn(input_batch, target_batch, model, device):
+        with autocast(), kernel(device, input_batch.shape[1]):
+            return loss(input_batch, target_batch, model, device)
+    return loss_fn
 
 
 def make_bench_optimizer(net, device, fused: bool, in_backward: bool):
@@ -136,21 +147,17 @@ def run_training(model: str, precision: str, group: bool, full_head: bool, batch
         net.out_head.weight = torch.nn.Parameter(net.tok_emb.weight.detach().clone())
     net.to(dev)
     bf16 = use_bf16(precision, dev)
-    autocast = make_autocast(dev, bf16) if not recast else \
-        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False))
     optimizer = make_bench_optimizer(net, dev, fused, in_backward)
-    loss_fn = partial(calc_loss_batch, full_head=full_head, sliced_head=False if plain_head else None)
-    if torch_compile:  # as train.py --compile; compiles during the warm-up steps
-        loss_fn = torch.compile(loss_fn)
-    if not pick_attention:
-        train_module.PLAIN_ATTENTION_MAX = 0  # the fused kernel on every row
+    loss_fn = bench_loss(dev, bf16, full_head, plain_head, pick_attention, recast, torch_compile)
     setup_rss = peak_rss()
     losses, tokens, positions, seconds = [], 0, 0, 0.0
     for i, (inputs, targets) in enumerate(batches[:warmup + steps]):
         sync(dev)
         start = time.perf_counter()
-        loss, n_targets = bench_step(net, optimizer, inputs, targets, dev, autocast, loss_fn,
-                                     recast, trim)
+        with recast_saved_weights() if recast else nullcontext():  # fast/tricks.py's, when asked
+            loss, n_targets = train_step(net, optimizer, inputs, targets, dev, loss_fn)
+        if trim:
+            release_free_memory()
         sync(dev)
         elapsed = time.perf_counter() - start
         losses.append(loss)
@@ -201,12 +208,9 @@ def busy_cpu_seconds() -> float | None:
 
 
 def in_child(job: dict) -> dict:
-    """Run one job in a fresh interpreter (`--one`) and return its JSON result.
-
-    Adds `others_cpu`: the share of the machine's CPU time that other processes used meanwhile.
-    Matters here: with 2 threads on 2 cores, every op waits for a descheduled thread, so a busy
-    neighbour can make a step several times slower.
-    """
+    """Run one job in a fresh interpreter (`--one`) and return its JSON result, with `others_cpu`:
+    the share of the machine's CPU time that other processes used meanwhile (with 2 threads on 2
+    cores every op waits for a descheduled thread: a busy neighbour can slow a step severalfold)."""
     busy, wall = busy_cpu_seconds(), time.perf_counter()
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)],
@@ -249,11 +253,10 @@ def describe_result(r: dict) -> str:
                 f"{'fused' if r['fused'] else 'unfused'} AdamW"
                 f"{' in backward' if r.get('in_backward') else ''}"
                 f"{', torch.compile' if r.get('compile') else ''}")
-    text = (f"training ({settings}): {r['tokens_per_s']:.1f} target "
-            f"tokens/s, {r['s_per_step']:.2f} s/step, "
-            f"{r['target_tokens'] / r['positions']:.0%} of positions are targets, "
-            f"peak RSS {r['peak_rss'] / GIB:.2f} GiB (after setup {r['setup_rss'] / GIB:.2f} GiB)")
-    return text
+    return (f"training ({settings}): {r['tokens_per_s']:.1f} target tokens/s, "
+            f"{r['s_per_step']:.2f} s/step, {r['target_tokens'] / r['positions']:.0%} of positions "
+            f"are targets, peak RSS {r['peak_rss'] / GIB:.2f} GiB (after setup "
+            f"{r['setup_rss'] / GIB:.2f} GiB)")
 
 
 def markdown_table(rows: list[tuple[str, dict]], baselines: dict[str, dict]) -> str:
@@ -304,13 +307,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain-head", action="store_true",
                    help="on CPU too, F.cross_entropy on the head's logits in one piece")
     p.add_argument("--adamw-in-backward", action="store_true",
-                   help="fastpath.AdamWInBackward: each weight updated during backward")
+                   help="fast/tricks.py's AdamWInBackward: each weight updated during backward")
     p.add_argument("--recast-weights", action="store_true",
-                   help="fastpath.recast_saved_weights: bf16 weight copies cast again in backward")
+                   help="fast/tricks.py's recast_saved_weights: bf16 copies cast again in backward")
     p.add_argument("--trim", action="store_true",
-                   help="fastpath.release_free_memory after each step (glibc malloc_trim)")
+                   help="fast/tricks.py's release_free_memory after each step (glibc malloc_trim)")
     p.add_argument("--old-default", action="store_true",
-                   help="the three fastpath tricks together (with the sliced head on CPU: "
+                   help="the three fast/tricks.py tricks together (with the sliced head on CPU: "
                         "train.py's default before the book's step came back)")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss, as train.py")
     p.add_argument("--book-model", action="store_true",
@@ -331,7 +334,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def machine(device: str = "cpu") -> str:
-    """One line naming the CPU, its cores and torch, for the README table's caption."""
+    """One line naming the CPU, its cores and torch, for docs/performance.md's table captions."""
     try:
         name = next(line.split(":", 1)[1].strip()
                     for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -3,7 +3,8 @@ and the DPO step time of each.
 
 Each configuration runs in a fresh child process (`--one`, JSON out), so its peak resident memory
 (ru_maxrss) is its own; all start from the same random weights and time the same real batches
-with train.py's `train_step` (or dpo.py's loss, backward and optimizer step).
+with train.py's default step (fast/step.py's `make_step`) or extras/dpo.py's (its loss, backward
+and optimizer step).
 Run: python benchmarks/bench_lora.py --model gpt2-small --steps 3   (prints a Markdown table)
 """
 import argparse
@@ -11,19 +12,19 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 from bench import GIB, bench_batches, busy_cpu_seconds, peak_rss  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
-from recipe import DEFAULT_DATA, PAD_MULTIPLE, make_autocast, use_bf16  # noqa: E402
-from train import make_optimizer, train_step  # noqa: E402
-
-import dpo  # noqa: E402
-import lora  # noqa: E402
+from fast.step import make_step, use_bf16  # noqa: E402
+from train import calc_loss_batch, train_step  # noqa: E402
+from training.run import DEFAULT_DATA, PAD_MULTIPLE, make_optimizer  # noqa: E402
+from extras import dpo, lora  # noqa: E402
 
 CONFIGS = [  # (label, LoRA rank or 0 for full fine-tuning, LoRA targets)
     ("full fine-tuning", 0, None),
@@ -42,19 +43,23 @@ def build(model: str, rank: int, targets, seed: int) -> tuple[GPTModel, int]:
 
 def run_sft(model: str, rank: int, targets, batch_size: int, steps: int, warmup: int,
             seed: int, precision: str) -> dict:
-    """Seconds and target tokens of `steps` real train.py steps after `warmup` ones."""
+    """Seconds and target tokens of `steps` real train.py steps after `warmup` ones: its default
+    step on CPU (fast/step.py's `make_step`: head on targets, sliced; bf16 autocast where native)."""
     cfg = model_config(model)
     dataset = InstructionDataset(split_data(load_data(DEFAULT_DATA))[0], get_tokenizer())
     batches = bench_batches(dataset, batch_size, warmup + steps, True, seed,
                             cfg["context_length"], PAD_MULTIPLE)
     net, trainable = build(model, rank, targets, seed)
     device = torch.device("cpu")
-    autocast = make_autocast(device, use_bf16(precision, device))
     optimizer = make_optimizer(net, 5e-5, 0.1, device)
+    flags = argparse.Namespace(precision=precision, full_head=False, no_cuda_graphs=False,
+                               compile=None, keep_memory=False, lora_rank=rank)
+    step, _ = make_step(net, optimizer, device, flags, calc_loss_batch, train_step,
+                        log=lambda *_: None)
     tokens, seconds = 0, 0.0
     for i, (inputs, targets_) in enumerate(batches):
         start = time.perf_counter()
-        _, n_targets = train_step(net, optimizer, inputs, targets_, autocast)
+        _, n_targets = step(inputs, targets_)
         if i >= warmup:
             tokens, seconds = tokens + n_targets, seconds + time.perf_counter() - start
     return {"trainable": trainable, "tokens_per_s": tokens / seconds,
@@ -63,7 +68,8 @@ def run_sft(model: str, rank: int, targets, batch_size: int, steps: int, warmup:
 
 def run_dpo(model: str, rank: int, targets, batch_size: int, steps: int, warmup: int,
             seed: int, precision: str) -> dict:
-    """Seconds per DPO step (four forward passes, backward, AdamW) on real preference pairs."""
+    """Seconds per DPO step (four forward passes, backward, AdamW) on real preference pairs, as
+    extras/dpo.py's train_dpo steps."""
     tokenizer = get_tokenizer()
     pairs = dpo.load_preferences(dpo.DEFAULT_DATA)[:batch_size * (warmup + steps)]
     dataset = dpo.PreferenceDataset(pairs, tokenizer)
@@ -72,11 +78,13 @@ def run_dpo(model: str, rank: int, targets, batch_size: int, steps: int, warmup:
     net, trainable = build(model, rank, targets, seed)
     reference = dpo.FrozenReference(net, lora if rank else None)
     device = torch.device("cpu")
-    autocast = make_autocast(device, use_bf16(precision, device))
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                       enabled=use_bf16(precision, device))
     optimizer = make_optimizer(net, 5e-6, 0.01, device)
     seconds = 0.0
     for i, batch in enumerate(batches):
         start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss, _, _ = dpo.compute_dpo_loss_batch(batch, net, reference, 0.1)
         loss.backward()

@@ -5,8 +5,8 @@ modules (book_model.py: fp32, untied head, AdamW's default update, the book's co
 a plain loop a user would write on this project's model (bf16 autocast where native, fused AdamW,
 logits everywhere); `hf` is that loop on Hugging Face's GPT2LMHeadModel (where transformers is
 installed: a benchmark's reference, not a dependency of the project). All of them start from the
-same random weights, written in Hugging Face's layout by export.py (no network), train on the same
-split with the same batches' contents, and evaluate every `--eval-every` steps over
+same random weights, written in Hugging Face's layout by extras/export.py (no network), train on
+the same split with the same batches' contents, and evaluate every `--eval-every` steps over
 `--eval-batches` batches, as the book. Then test-set generation: this project's cached batches
 against the book's plain loop on a few prompts.
 Run: python benchmarks/book_job.py --device cuda (gpu_check.sh) or --device cpu --model gpt2-small
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,10 +32,11 @@ from bench_generate import EOS  # noqa: E402
 from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
 from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
-from export import hf_tensors, write_safetensors  # noqa: E402
+from extras.export import hf_tensors, write_safetensors  # noqa: E402
+from fast.step import use_bf16  # noqa: E402
 from generate import encode_prompts, generate, generate_responses  # noqa: E402
 from gpt import GPTModel, load_weights, model_config  # noqa: E402
-from recipe import DEFAULT_DATA, make_autocast, use_bf16  # noqa: E402
+from training.run import DEFAULT_DATA  # noqa: E402
 
 
 def loaders(args, device):
@@ -121,7 +123,7 @@ def run_loop(args, program: str) -> dict:
     sync(device)
     start = time.perf_counter()
     result = book_loop(model, optimizer, train_loader, val_loader, device, args,
-                       make_autocast(device, bf16))
+                       partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16))
     sync(device)
     return dict(result, train_seconds=time.perf_counter() - start, bf16=bf16)
 

@@ -4,9 +4,9 @@ Counts the multiply-adds of the chapter-7 job that `book_job.py` times (training
 forward pass, plus the evaluations every `--eval-every` steps over `--eval-batches` batches of the
 training and the validation split) on the real batches two ways: book_job.py's book loaders
 (shuffled, padded to each batch's longest row, the output head on every position) and train.py's
-own (`recipe.prepare_loaders` for the model's preset: grouped by length, padded to a multiple of
-16, the head only on positions with a target). Then times this CPU's
-matrix products on the job's shapes. The time a program cannot go under is its FLOPs at that rate:
+own (training/run.py's `prepare_loaders` for the model's preset: grouped by length, padded to a
+multiple of 16, the head only on positions with a target). Then times this CPU's matrix products
+on the job's shapes. The time a program cannot go under is its FLOPs at that rate:
 with a `book_job.py --json` file, it prints the speed-up over the book's measured time that this
 project could reach if it did nothing but matrix products at the measured rate.
 Run: python benchmarks/job_flops.py --model gpt2-small --entries 240 [--results book_job.json]
@@ -22,18 +22,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import recipe  # noqa: E402
 from book_job import add_job_flags, loaders as book_loaders  # noqa: E402
 from data import get_tokenizer, load_data  # noqa: E402
+from fast.step import use_bf16  # noqa: E402
 from gpt import model_config  # noqa: E402
+from training.run import parse_args as train_py_args, prepare_loaders  # noqa: E402
 
 
 def project_loaders(args):
-    """train.py's own loaders (recipe.prepare_loaders) for the model's preset, on the same entries."""
-    run = recipe.parse_args(["--model", args.model, "--batch-size", str(args.batch_size),
-                             "--seed", str(args.seed)])
+    """train.py's own (train, validation) loaders (training/run.py's prepare_loaders) for the
+    model's preset, on the same entries."""
+    run = train_py_args(["--model", args.model, "--batch-size", str(args.batch_size),
+                         "--seed", str(args.seed)])
     data = load_data(args.data)[:args.entries or None]
-    return recipe.prepare_loaders(run, data, get_tokenizer(), torch.device("cpu"), log=lambda _: None)[0]
+    train_loader, val_loader, _ = prepare_loaders(run, data, get_tokenizer(), torch.device("cpu"),
+                                                  log=lambda _: None)
+    return train_loader, val_loader
 
 
 def forward_flops(cfg: dict, batch_shape: tuple[int, int], head_rows: int) -> tuple[int, int]:
@@ -121,7 +125,7 @@ def main() -> None:
     blocks = products([(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)], rows)
     head = products([(d, cfg["vocab_size"])], rows)
     dtypes = {"fp32": torch.float32}
-    if recipe.use_bf16("auto", torch.device("cpu")):
+    if use_bf16("auto", torch.device("cpu")):
         dtypes["bf16"] = torch.bfloat16
     rates = {k: (matmul_rate(blocks, t, args.seconds), matmul_rate(head, t, args.seconds))
              for k, t in dtypes.items()}

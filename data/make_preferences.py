@@ -1,4 +1,4 @@
-"""Write data/preference-data.json, the offline preference data set of dpo.py.
+"""Write data/preference-data.json, the offline preference data set of extras/dpo.py.
 
 One entry per entry of data/instruction-data.json, in its order (so data.split_data holds out the
 same entries), in the book's format {instruction, input, output, chosen, rejected}: chosen is the

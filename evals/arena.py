@@ -4,7 +4,7 @@ Each vote becomes a line of a battles file that `python evaluate.py ratings` tur
 
 Entry points: `model_names`, `read_prompts`, `pick_pair`, `read_vote`, `battle_record`,
 `record_battle`, `main` (`python evaluate.py arena A.pt B.pt [C.pt ...] --battles battles.jsonl`).
-serve_arena.py puts the same battles on a web page.
+serve/arena.py puts the same battles on a web page.
 """
 import argparse
 import json

@@ -14,8 +14,9 @@ import torch
 
 from data import (PROMPT_STYLES, atomic_write_bytes, format_input, get_tokenizer, response_header,
                   write_json)
-from generate import check_writable, generate_batched, pick_device
-from gpt import load_model
+from generate import check_writable, generate_batched
+from extras.book_format import load_any_model as load_model
+from gpt import pick_device
 
 
 # ---- command line ----------------------------------------------------------------------------

@@ -2,9 +2,9 @@ import time
 
 import torch
 
-from batching import Engine, Request, merge_caches, trim_cache
+from serve.batching import Engine, Request, merge_caches, trim_cache
 from generate import generate, last_logits, left_pad
-from gpt import KVCache
+from generate import KVCache
 from test_generate import EOS, lively_model
 
 

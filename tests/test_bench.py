@@ -29,7 +29,7 @@ def test_tiny_run_prints_throughput_step_time_and_memory(tmp_path):
     assert '"tokens_per_s"' in (tmp_path / "r.json").read_text()
 
 
-def test_the_old_default_runs_through_every_fastpath_trick(tmp_path):
+def test_the_old_default_runs_through_every_trick_of_fast_tricks(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH), "--model", "tiny", "--steps", "1",
                           "--warmup", "1", "--skip-inference", "--old-default"],
                          capture_output=True, text=True, timeout=FRESH_TORCH_S)
@@ -38,6 +38,45 @@ def test_the_old_default_runs_through_every_fastpath_trick(tmp_path):
     for piece in ("weights recast in backward",
                   "freed memory returned each step", "fused AdamW in backward"):
         assert piece in line
+
+
+def test_the_default_row_takes_the_step_train_py_takes():
+    """bench.py's default configuration times the very step fast/step.py's make_step gives train.py
+    (bf16 autocast where native, head on targets, sliced on CPU, plain attention on short rows):
+    the same loss and, bit for bit, the same weights after it."""
+    import argparse
+
+    import torch
+
+    from fast.step import make_step, use_bf16
+    from gpt import GPTModel, model_config
+    from train import calc_loss_batch, train_step
+    from training.run import make_optimizer
+    bench, cpu = load_bench(), torch.device("cpu")
+    torch.manual_seed(1)
+    inputs = torch.randint(0, 50257, (2, 24))
+    targets = inputs.roll(-1, dims=1)
+    targets[:, :6] = -100  # a masked prompt
+    results = []
+    for program in ("bench", "train.py"):
+        torch.manual_seed(0)
+        model = GPTModel(model_config("tiny")).train()
+        optimizer = make_optimizer(model, 5e-5, 0.1, cpu)
+        if program == "bench":
+            d = bench.DEFAULT
+            loss_fn = bench.bench_loss(cpu, use_bf16(d["precision"], cpu), d["full_head"],
+                                       d["plain_head"], d["pick_attention"], d["recast"])
+            result = train_step(model, optimizer, inputs, targets, cpu, loss_fn)
+        else:
+            flags = argparse.Namespace(precision="auto", full_head=False, no_cuda_graphs=False,
+                                       compile=None, keep_memory=False, lora_rank=0)
+            step, _ = make_step(model, optimizer, cpu, flags, calc_loss_batch, train_step,
+                                log=lambda *_: None)
+            result = step(inputs, targets)
+        results.append((result, model.state_dict()))
+    (bench_result, bench_weights), (train_result, train_weights) = results
+    assert bench_result == train_result and bench_result[1] == 2 * 18
+    assert all(torch.equal(bench_weights[k], train_weights[k]) for k in train_weights)
 
 
 def test_table_gives_ratios_against_the_first_row():

@@ -1,5 +1,6 @@
-"""The core files that a reader may copy alone (gpt.py, collate.py, data.py) work alone: each is
-copied into an empty folder and used there by a fresh interpreter that cannot see the project."""
+"""The chapter's files that a reader may copy out work there: gpt.py, collate.py and data.py each
+alone, train.py with them and generate.py (the book's functions, train_model_simple included).
+Each is copied into an empty folder and used by a fresh interpreter that cannot see the project."""
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,39 @@ USES = {
         assert data.split_data(list(range(20))) == (list(range(17)), [19], [17, 18])
     """,
 }
+
+
+TRAIN_USE = """
+    import torch, train
+    from functools import partial
+    from torch.utils.data import DataLoader
+    from collate import custom_collate_fn
+    from data import InstructionDataset, get_tokenizer
+    from gpt import GPTModel, model_config
+    tok = get_tokenizer()
+    entries = [{"instruction": f"Add {i} and 1.", "input": "", "output": f"{i + 1}."}
+               for i in range(12)]
+    collate = partial(custom_collate_fn, allowed_max_length=64)
+    loader = DataLoader(InstructionDataset(entries, tok), batch_size=4, collate_fn=collate)
+    torch.manual_seed(123)
+    model = GPTModel(model_config("tiny"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    train_losses, val_losses, tokens = train.train_model_simple(
+        model, loader, loader, optimizer, "cpu", 2, 2, 1, "Add 3 and 1.", tok)
+    assert len(train_losses) == len(val_losses) == len(tokens) == 3  # steps 0, 2, 4 of 6
+    assert train_losses[-1] < train_losses[0] and tokens[0] == next(iter(loader))[0].numel()
+    assert train.plot_losses([0, 1, 2], tokens, train_losses, val_losses, "plot.png") in (True, False)
+"""
+
+
+def test_train_py_works_copied_with_the_chapter_files_it_imports(tmp_path):
+    for name in ("train.py", "gpt.py", "data.py", "collate.py", "generate.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + textwrap.dedent(TRAIN_USE)
+    result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Ep ") == 3  # the book's progress lines
 
 
 @pytest.mark.parametrize("name", sorted(USES))

@@ -1,22 +1,29 @@
-"""cuda_graphs.GraphedTraining: the step a CUDA graph records, checked against the book's step.
+"""fast/cuda_graphs.GraphedTraining: the step a CUDA graph records, checked against the book's step.
 
 On CPU the step runs eagerly (capture=False): the same arithmetic the graph records (in-place
 gradients, a tensor learning rate, AdamW state made up front, the skip flag), compared with
 train.train_step. With a GPU the recorded graphs are compared with that eager step too.
 """
 import copy
-from functools import partial
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from cuda_graphs import GraphedTraining, prepare_optimizer
+from fast.cuda_graphs import GraphedTraining, prepare_optimizer
 from gpt import GPTModel
-from train import calc_loss_batch, set_lr, train_step
+from train import RunState, calc_loss_batch, train_step
+from training.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
          "drop_rate": 0.0, "qkv_bias": True}
-FULL_HEAD = partial(calc_loss_batch, full_head=True)
+FULL_HEAD = calc_loss_batch  # the book's loss: the head on every position
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """What train.train_model does before each step (a schedule's rate)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def batch(rows: int, length: int, seed: int, masked: int = 2):
@@ -90,13 +97,15 @@ def test_a_batch_without_targets_is_skipped():
         assert torch.equal(value, before[name]), name
 
 
-def test_prepared_optimizer_reads_its_rate_from_one_tensor():
+def test_prepared_optimizer_reads_its_rate_from_one_tensor_that_each_step_fills():
     (model, opt), _ = two_runs()
-    prepare_optimizer(opt)
+    graphed = GraphedTraining(model, opt, FULL_HEAD, bf16=False)
     rate = opt.param_groups[0]["lr"]
-    set_lr(opt, 0.25)
-    assert opt.param_groups[0]["lr"] is rate and float(rate) == 0.25  # filled, not replaced
+    assert torch.is_tensor(rate) and float(rate) == pytest.approx(1e-3)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    set_lr(opt, 0.25)  # the loop sets a number ...
+    graphed.step(*batch(2, 8, seed=0))
+    assert opt.param_groups[0]["lr"] is rate and float(rate) == 0.25  # ... the step fills it in
 
 
 def test_an_unfused_optimizer_is_refused():
@@ -111,7 +120,7 @@ def test_evaluation_loss_is_the_book_loss():
     inputs, targets = batch(3, 10, seed=5)
     model.eval()
     with torch.no_grad():
-        expected = calc_loss_batch(inputs, targets, model, "cpu", full_head=True)
+        expected = calc_loss_batch(inputs, targets, model, "cpu")
         assert graphed.loss(inputs, targets, model, "cpu").item() == pytest.approx(expected.item())
 
 
@@ -145,12 +154,11 @@ def test_recorded_graphs_train_and_evaluate_as_the_eager_step(bf16):
 
 
 def test_a_checkpoint_of_a_graphed_run_resumes_with_a_plain_optimizer(tmp_path):
-    from checkpoint import RunState, load_checkpoint, save_checkpoint
     (model, opt), (other, other_opt) = two_runs()
     graphed = GraphedTraining(model, opt, FULL_HEAD, bf16=False)
     graphed.step(*batch(2, 8, seed=0))
     cfg = dict(SMALL, name="small")
-    save_checkpoint(tmp_path / "c.pt", model, opt, RunState(step=1), None, cfg)
+    save_checkpoint(tmp_path / "c.pt", model, opt, asdict(RunState(step=1)), None, cfg)
     load_checkpoint(tmp_path / "c.pt", other, other_opt, cfg)
     group = other_opt.param_groups[0]
     assert type(group["lr"]) is float and group["capturable"] is False  # not the graph's own

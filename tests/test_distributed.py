@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from collate import LengthGroupedBatchSampler
-from distributed import ShardedBatchSampler, by_name, by_number
+from extras.distributed import ShardedBatchSampler, by_name, by_number
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

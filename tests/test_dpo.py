@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import dpo
-import lora
+from extras import dpo
+from extras import lora
 from child_io import FRESH_TORCH_S, LineReader, quiet_env, terminal_ctrl_c
 from gpt import GPTModel, load_model, read_checkpoint, save_model
 
@@ -136,7 +136,7 @@ def write_inputs(tmp_path, n=40):
 
 
 def run_dpo(tmp_path, *extra, check=True):
-    cmd = [sys.executable, str(ROOT / "dpo.py"), "--model-path", str(tmp_path / "model.pt"),
+    cmd = [sys.executable, str(ROOT / "extras" / "dpo.py"), "--model-path", str(tmp_path / "model.pt"),
            "--data", str(tmp_path / "prefs.json"), "--out-dir", str(tmp_path / "out"),
            "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1", "--lr", "1e-3", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -221,7 +221,7 @@ def test_evaluation_at_the_start_gives_ln2_zero_rewards_and_no_reward_wins():
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     write_inputs(tmp_path)
-    cmd = [sys.executable, str(ROOT / "dpo.py"), "--model-path", str(tmp_path / "model.pt"),
+    cmd = [sys.executable, str(ROOT / "extras" / "dpo.py"), "--model-path", str(tmp_path / "model.pt"),
            "--data", str(tmp_path / "prefs.json"), "--out-dir", str(tmp_path / "out"),
            "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1", "--max-steps", "4",
            "--no-generate"]

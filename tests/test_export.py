@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import export
+from extras import export
 import gpt
 from data import cli_main, get_tokenizer
-from gpt import GPTModel, load_model, load_weights, model_config, read_safetensors, save_model
+from extras import book_format
+from extras.book_format import load_any_model as load_model
+from extras.book_format import load_any_weights as load_weights
+from gpt import GPTModel, model_config, read_safetensors, save_model
 from safetensors_io import hf_gpt2_tensors, safetensors_bytes
 from test_gpt import reference_gpt2_logits
 
@@ -110,7 +113,7 @@ def test_size_is_inferred_from_the_shapes_for_each_gpt2_size(name):
     with torch.device("meta"):  # shapes only, no memory
         state = BookGPTModel(model_config(name)).state_dict()
     del state["out_head.weight"]  # (meta tensors cannot be compared; tying is tested above)
-    cfg = gpt.config_from_state(gpt.from_book(state, name), name)
+    cfg = book_format.config_from_state(book_format.from_book(state, name), name)
     assert {k: cfg[k] for k in model_config(name)} == model_config(name)
 
 
@@ -163,14 +166,14 @@ def test_book_to_project_to_book_is_bit_for_bit(tmp_path, qkv_bias):
     written = torch.load(tmp_path / "out.pth", weights_only=True)
     assert written.keys() == original.keys()
     assert all(torch.equal(written[k], original[k]) for k in original)
-    book_gpt(export.book_config(cfg)).load_state_dict(written)  # strict: the book's GPTModel takes it as it is
+    book_gpt(book_format.book_config(cfg)).load_state_dict(written)  # strict: the book's GPTModel takes it as it is
 
 
 def test_project_model_exports_to_the_books_model_with_the_same_logits(tmp_path):
     torch.manual_seed(1)
     model = GPTModel(SMALL).eval()  # tied: the book gets two equal copies
     export.export_book(model, tmp_path / "book.pth")
-    book = book_gpt(export.book_config(model.cfg))
+    book = book_gpt(book_format.book_config(model.cfg))
     book.load_state_dict(torch.load(tmp_path / "book.pth", weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(book(IDX), model(IDX), atol=1e-5, rtol=1e-5)
@@ -312,7 +315,7 @@ def run_main(capsys, *argv) -> tuple[int, str]:
 
 def test_cli_exports_a_book_checkpoint_to_hugging_face(tmp_path):
     path = save_book(book_model(), tmp_path / "book.pth")
-    result = subprocess.run([sys.executable, str(ROOT / "export.py"), str(path), "--to", "hf",
+    result = subprocess.run([sys.executable, str(ROOT / "extras" / "export.py"), str(path), "--to", "hf",
                              str(tmp_path / "hf")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "head separate from the embedding" in result.stderr

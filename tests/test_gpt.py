@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import gpt
-from gpt import GPTModel, KVCache, load_gpt2, load_model, model_config, save_model
+from generate import KVCache, positions_and_mask
+from gpt import GPTModel, load_gpt2, load_model, model_config, save_model
 from safetensors_io import hf_gpt2_tensors, safetensors_bytes
 
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
@@ -60,11 +61,24 @@ def test_sequence_longer_than_context_is_refused(model):
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
+def padded(model, idx, pad_mask=None, cache=None):
+    """The model's logits for left-padded rows, positions and mask as generate.py makes them."""
+    pad_mask = torch.ones(idx.shape, dtype=torch.bool) if pad_mask is None else pad_mask
+    return model(idx, cache, *positions_and_mask(pad_mask, cache))
+
+
+def test_a_cache_without_a_mask_is_refused(model):
+    cache = KVCache()
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)  # the first tokens need none
+    with pytest.raises(ValueError, match="needs their attn_mask"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
 def test_left_padding_gives_the_same_logits_as_the_unpadded_row(model):
     row = torch.randint(0, 97, (1, 7))
-    padded = torch.cat([torch.full((1, 3), 5), row], dim=1)
+    padded_row = torch.cat([torch.full((1, 3), 5), row], dim=1)
     pad_mask = torch.tensor([[False] * 3 + [True] * 7])
-    torch.testing.assert_close(model(padded, pad_mask=pad_mask)[:, 3:], model(row),
+    torch.testing.assert_close(padded(model, padded_row, pad_mask)[:, 3:], model(row),
                                atol=1e-5, rtol=0)
 
 
@@ -74,11 +88,11 @@ def test_kv_cache_matches_full_recompute_for_a_left_padded_batch(model):
     pad_mask = torch.ones(3, 12, dtype=torch.bool)
     pad_mask[0, :4] = False  # row 0 has a shorter prompt, padded on the left
     pad_mask[2, :1] = False
-    full = model(seqs, pad_mask=pad_mask)
+    full = padded(model, seqs, pad_mask)
     cache = KVCache()
-    steps = [model(seqs[:, :6], cache=cache, pad_mask=pad_mask[:, :6])]
+    steps = [padded(model, seqs[:, :6], pad_mask[:, :6], cache)]
     for t in range(6, 12):  # then one token at a time
-        steps.append(model(seqs[:, t:t + 1], cache=cache, pad_mask=pad_mask[:, t:t + 1]))
+        steps.append(padded(model, seqs[:, t:t + 1], pad_mask[:, t:t + 1], cache))
     cached = torch.cat(steps, dim=1)
     assert len(cache) == 12
     torch.testing.assert_close(cached[pad_mask], full[pad_mask], atol=1e-5, rtol=0)
@@ -87,17 +101,17 @@ def test_kv_cache_matches_full_recompute_for_a_left_padded_batch(model):
 def test_kv_cache_select_keeps_rows(model):
     seqs = torch.randint(0, 97, (3, 5))
     cache = KVCache()
-    model(seqs[:, :4], cache=cache)
+    padded(model, seqs[:, :4], cache=cache)
     cache.select(torch.tensor([0, 2]))
-    last = model(seqs[[0, 2], 4:], cache=cache)
+    last = padded(model, seqs[[0, 2], 4:], cache=cache)
     torch.testing.assert_close(last[:, -1], model(seqs[[0, 2]])[:, -1], atol=1e-5, rtol=0)
 
 
 def test_cache_refuses_to_grow_past_context(model):
     cache = KVCache()
-    model(torch.zeros(1, 32, dtype=torch.long), cache=cache)
+    padded(model, torch.zeros(1, 32, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="exceeds the context length"):
-        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        padded(model, torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
 def reference_gpt2_logits(t: dict, idx: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 
 from data import get_tokenizer
 from generate import encode_prompts
-from openai_api import ApiError, choice, parse_request
+from serve.openai_api import ApiError, choice, parse_request
 
 
 def user(text: str) -> dict:

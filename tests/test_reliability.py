@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -26,9 +27,10 @@ import torch
 import data
 import generate
 import gpt
-import checkpoint
-import recipe
 import train
+from training import checkpoint
+from training import files
+from training import run as recipe
 from collate import make_loader
 from data import InstructionDataset, cli_main, get_tokenizer, load_data, write_json
 from gpt import GPTModel, load_gpt2, load_model, load_weights, model_config, save_model
@@ -86,7 +88,7 @@ def data_with_one_long_entry(extra_tokens: int) -> tuple[list[dict], int, list[i
 def test_entry_longer_than_max_length_is_kept_counted_and_cut():
     entries, max_length, ids = data_with_one_long_entry(30)
     logs = []
-    (train_loader, _), (train_data, _, _) = recipe.prepare_loaders(
+    train_loader, _, (train_data, _, _) = recipe.prepare_loaders(
         loader_args(max_length), entries, get_tokenizer(), torch.device("cpu"), logs.append)
     assert entries[0] in train_data
     assert any(f"1 training entries are longer than --max-length {max_length}" in line
@@ -99,8 +101,8 @@ def test_entry_longer_than_max_length_is_kept_counted_and_cut():
 def test_entry_one_token_too_long_is_counted_too():
     entries, max_length, ids = data_with_one_long_entry(1)
     logs = []
-    (train_loader, _), _ = recipe.prepare_loaders(loader_args(max_length), entries,
-                                                 get_tokenizer(), torch.device("cpu"), logs.append)
+    train_loader, _, _ = recipe.prepare_loaders(loader_args(max_length), entries,
+                                                get_tokenizer(), torch.device("cpu"), logs.append)
     (targets,) = [t[0].tolist() for inputs, t in train_loader if inputs[0].tolist() == ids[:-1]]
     assert 50256 not in targets  # the stop signal was cut off ...
     assert any("1 training entries are longer" in line for line in logs)  # ... so say so
@@ -200,7 +202,7 @@ def test_malformed_model_file_is_one_value_error(tmp_path, changes, message):
 def damaged_checkpoint(tmp_path, edit) -> Path:
     model = GPTModel(SMALL)
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), checkpoint.RunState(),
+    checkpoint.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), asdict(train.RunState()),
                           {}, dict(SMALL, name="small"))
     ckpt = torch.load(path, weights_only=True)
     edit(ckpt)
@@ -220,14 +222,14 @@ def test_damaged_training_checkpoint_is_one_value_error(tmp_path, edit):
     model = GPTModel(SMALL)
     with pytest.raises(ValueError, match=re.escape(str(path))):
         checkpoint.load_checkpoint(path, model, torch.optim.AdamW(model.parameters()),
-                              dict(SMALL, name="small"))
+                                   dict(SMALL, name="small"), train.RunState)
 
 
 def test_resume_from_another_preset_names_both(tmp_path):
     model = GPTModel(SMALL)
     opt = torch.optim.AdamW(model.parameters())
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save_checkpoint(path, model, opt, checkpoint.RunState(), {},
+    checkpoint.save_checkpoint(path, model, opt, asdict(train.RunState()), {},
                           dict(model_config("gpt2-medium"), name="gpt2-medium"))
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"another model.*gpt2-medium.*tiny"):
@@ -247,8 +249,8 @@ def test_truncated_cached_gpt2_file_is_never_used_but_fetched_again(tmp_path, mo
         fetched.append(url)
         path.write_bytes(good)
         return path
-    monkeypatch.setattr(recipe, "download", fake_download)
-    path = recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    monkeypatch.setattr(files, "download", fake_download)
+    path = files.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert fetched == ["https://huggingface.co/openai-community/gpt2/resolve/main/"
                        "model.safetensors"]
     assert path.read_bytes() == good
@@ -299,13 +301,13 @@ def server():
 def test_chunked_body_cut_short_keeps_the_part_and_resumes(server, tmp_path):
     server.body, server.chunked, server.drop_after = bytes(range(256)) * 40, True, 4000
     with pytest.raises(OSError, match="run again to resume"):
-        data.download(server.url + "/f", tmp_path / "f", progress=False, timeout=5)
+        files.download(server.url + "/f", tmp_path / "f", progress=False, timeout=5)
     assert names(tmp_path) == ["f.part"]
     # urllib drops the bytes of a chunked read that fails, so the .part may be shorter: a prefix
     assert server.body.startswith((tmp_path / "f.part").read_bytes())
     server.drop_after = None
-    assert data.download(server.url + "/f", tmp_path / "f", progress=False,
-                         timeout=5).read_bytes() == server.body
+    assert files.download(server.url + "/f", tmp_path / "f", progress=False,
+                          timeout=5).read_bytes() == server.body
     assert names(tmp_path) == ["f"]
 
 
@@ -313,12 +315,12 @@ def test_gpt2_download_cut_short_leaves_no_model_and_the_next_run_resumes(server
                                                                         monkeypatch):
     server.body = safetensors_bytes(hf_gpt2_tensors(SMALL))
     server.drop_after = len(server.body) // 2
-    monkeypatch.setattr(recipe, "gpt2_url", lambda name: server.url + "/model.safetensors")
+    monkeypatch.setattr(files, "gpt2_url", lambda name: server.url + "/model.safetensors")
     with pytest.raises(FileNotFoundError, match="run again to resume.*--weights PATH"):
-        recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
+        files.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert names(tmp_path / "gpt2") == ["model.safetensors.part"]
     server.drop_after = None
-    path = recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    path = files.download_gpt2("gpt2-small", cache_dir=tmp_path)
     assert server.seen[-1] == f"bytes={len(server.body) // 2}-"
     assert names(tmp_path / "gpt2") == ["model.safetensors"]
     load_gpt2(GPTModel(SMALL), path)
@@ -327,10 +329,10 @@ def test_gpt2_download_cut_short_leaves_no_model_and_the_next_run_resumes(server
 def test_damaged_cached_data_is_downloaded_again(server, tmp_path):
     server.body = json.dumps([ENTRY]).encode()
     url = server.url + "/instruction-data.json"
-    assert load_data(url, cache_dir=tmp_path) == [ENTRY]
-    cached = data.cached_path(url, tmp_path)
+    assert load_data(files.fetch_data(url, cache_dir=tmp_path)) == [ENTRY]
+    cached = files.cached_path(url, tmp_path)
     cached.write_bytes(cached.read_bytes()[:-5])  # damaged after the download
-    assert load_data(url, cache_dir=tmp_path) == [ENTRY]
+    assert load_data(files.fetch_data(url, cache_dir=tmp_path)) == [ENTRY]
     assert server.seen == [None, None] and cached.read_bytes() == server.body
 
 
@@ -338,7 +340,7 @@ def test_damaged_cached_data_is_downloaded_again(server, tmp_path):
 def test_out_dir_under_a_file_is_refused_before_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="cannot write to --out-dir .*file/out"):
-        train.check_out_dir(tmp_path / "file" / "out")
+        recipe.check_out_dir(tmp_path / "file" / "out")
 
 
 def test_read_only_out_dir_is_refused_before_work(tmp_path):
@@ -349,11 +351,11 @@ def test_read_only_out_dir_is_refused_before_work(tmp_path):
     out.mkdir(mode=0o555)
     if os.geteuid() != 0:
         with pytest.raises(OSError, match="cannot write to --out-dir"):
-            train.check_out_dir(out)
+            recipe.check_out_dir(out)
         return
-    code = ("import os, sys; from pathlib import Path; import train\n"
+    code = ("import os, sys; from pathlib import Path; from training.run import check_out_dir\n"
             "os.chdir(sys.argv[1]); os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-            "try:\n    train.check_out_dir(Path('out'))\n"
+            "try:\n    check_out_dir(Path('out'))\n"
             "except OSError as e:\n    print(e); sys.exit(3)\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                             text=True, cwd=ROOT, timeout=FRESH_TORCH_S)
@@ -378,7 +380,7 @@ def write_model(path):
 
 def write_checkpoint(path):
     model = GPTModel(SMALL)
-    checkpoint.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), checkpoint.RunState(),
+    checkpoint.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), asdict(train.RunState()),
                           {}, SMALL)
 
 
@@ -436,7 +438,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     seqs = [[(3 * i + j) % 97 for j in range(4 + i % 3)] for i in range(12)]
     loader = make_loader(seqs, batch_size=2, shuffle=True, drop_last=True)
     val_loader = make_loader(seqs[:4], batch_size=2, shuffle=False, drop_last=False)
-    opt = train.make_optimizer(model, 1e-3, 0.0, torch.device("cpu"))
+    opt = recipe.make_optimizer(model, 1e-3, 0.0, torch.device("cpu"))
     real_loss, training_steps = train.calc_loss_batch, []
 
     def nan_at_step_4(inputs, targets, model, device):
@@ -448,14 +450,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     path, saved = tmp_path / "checkpoint.pt", []
 
     def save(state, best):
-        checkpoint.save_checkpoint(path, model, opt, state, best, cfg)
+        checkpoint.save_checkpoint(path, model, opt, asdict(state), best, cfg)
         saved.append(state.step)
-    args = SimpleNamespace(epochs=1, max_steps=0, eval_every=2, eval_batches=1, save_every=(1, "steps"),
-                           patience=0, full_head=False)
     with pytest.raises(ValueError, match="loss became nan at step 4"):
-        train.train_model(model, opt, loader, val_loader, torch.device("cpu"), args,
-                          checkpoint.RunState(), checkpoint.copy_weights(model), contextlib.nullcontext,
-                          nan_at_step_4, save, save, log=lambda *a: None)
+        train.train_model(model, loader, val_loader, opt, "cpu", 1, 2, 1, loss_fn=nan_at_step_4,
+                          best=train.copy_weights(model), save_every=(1, "steps"), save=save,
+                          on_epoch_end=save, log=lambda *a: None)
     kept = torch.load(path, weights_only=True)
     assert saved == [1, 2, 3] and kept["state"]["step"] == 3
     assert all(torch.isfinite(t).all() for t in kept["model"].values())

@@ -1,4 +1,4 @@
-"""serve.py on a real loopback port with a tiny random model, used through http.client."""
+"""serve/server.py on a real loopback port with a tiny random model, used through http.client."""
 import http.client
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import serve
+from serve import server as serve
 from child_io import LineReader, quiet_env, terminal_ctrl_c
 from data import format_input, get_tokenizer, response_header, write_json
 from generate import encode_prompts, generate, generate_responses
@@ -333,7 +333,7 @@ def test_api_key_is_required_and_evaluate_judges_through_this_server(model_file,
 
 
 def test_command_line_warns_on_all_interfaces_and_stops_on_ctrl_c(model_file):
-    proc = subprocess.Popen([sys.executable, "serve.py", str(model_file), "--host", "0.0.0.0",
+    proc = subprocess.Popen([sys.executable, "serve/server.py", str(model_file), "--host", "0.0.0.0",
                              "--port", "0", "--quiet"], cwd=ROOT, stderr=subprocess.PIPE,
                             text=True, env=quiet_env(), preexec_fn=terminal_ctrl_c)
     try:  # bounded waits: a stalled server fails the test instead of hanging it

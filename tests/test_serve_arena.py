@@ -1,4 +1,4 @@
-"""The arena page of serve.py (serve_arena.py, arena.html): a real loopback server with two tiny
+"""The arena page of serve/server.py (serve/arena.py, serve/arena.html): a real loopback server with two tiny
 models written here, used through http.client and, in the last test, through headless Chromium
 (skipped only when no Chromium is installed, as in test_serve_browser.py)."""
 import json
@@ -11,7 +11,7 @@ import time
 import pytest
 
 import evaluate
-import serve
+from serve import server as serve
 from child_io import LineReader, quiet_env, terminal_ctrl_c
 from evals.arena import record_battle
 from evals.ratings import read_battles
@@ -40,7 +40,7 @@ def models(model_files):
 
 
 def arena(model_files, battles, *flags):
-    """serve.py's own App for the two files and `flags`, served on a free loopback port."""
+    """serve/server.py's own App for the two files and `flags`, served on a free loopback port."""
     args = serve.parse_args([*map(str, model_files), "--battles", str(battles),
                              "--max-tokens", str(TOKENS), *flags])
     return start_app(serve.load_app(args))
@@ -221,7 +221,7 @@ def test_command_line_serves_the_arena_and_names_bad_flags(model_files, tmp_path
     assert serve.served_names(["x/model.pt", "y/model.pt"], None) == ["x/model.pt", "y/model.pt"]
     assert serve.served_names(["x/one.pt", "y/two.pt"], None) == ["one", "two"]
 
-    proc = subprocess.Popen([sys.executable, "serve.py", a, b, "--port", "0", "--quiet",
+    proc = subprocess.Popen([sys.executable, "serve/server.py", a, b, "--port", "0", "--quiet",
                              "--battles", str(tmp_path / "b.jsonl")], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True, env=quiet_env(),
                             preexec_fn=terminal_ctrl_c)

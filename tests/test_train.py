@@ -1,70 +1,45 @@
-import argparse
-import contextlib
-import hashlib
+"""train.py: the book's functions called the book's way (train_model_simple against the book's
+own loop on the book's model), the project's loop, and `python train.py` end to end on tiny."""
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import redirect_stdout
+from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from functools import partial
+from torch.utils.data import DataLoader
 
-import checkpoint
-import recipe
 import train
+from training import checkpoint
 from child_io import FRESH_TORCH_S, LineReader, quiet_env, terminal_ctrl_c
 from collate import custom_collate_fn, make_loader
 from data import InstructionDataset, get_tokenizer, load_data
 from gpt import GPTModel, load_model, model_config
-from safetensors_io import hf_gpt2_tensors, safetensors_bytes
+from script_loader import load_script
+from training.run import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"vocab_size": 97, "context_length": 32, "emb_dim": 16, "n_heads": 4, "n_layers": 2,
          "drop_rate": 0.0, "qkv_bias": True}
+book_model = load_script("benchmarks/book_model.py")
 
 
-def test_head_only_loss_equals_the_books_full_head_loss():
+# ---- the book's functions ---------------------------------------------------------------------
+def test_calc_loss_batch_is_the_books_cross_entropy_over_every_position():
     torch.manual_seed(0)
     model = GPTModel(SMALL)
-    inputs = torch.randint(0, 97, (3, 9))
-    targets = torch.randint(0, 97, (3, 9))
+    inputs, targets = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
     targets[0, 5:] = -100
-    targets[2, :4] = -100
-    book = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    torch.testing.assert_close(train.calc_loss_batch(inputs, targets, model, 'cpu'), book)
-    torch.testing.assert_close(train.calc_loss_batch(inputs, targets, model, 'cpu', full_head=True), book)
-
-
-# ---- attention_kernel ----------------------------------------------------------------------
-def test_attention_kernel_is_the_plain_one_for_short_rows_on_cpu_only():
-    limit = train.PLAIN_ATTENTION_MAX
-    with train.attention_kernel(torch.device("cpu"), limit):
-        assert not torch.backends.cuda.flash_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
-    for device, length in (("cpu", limit + 1), ("cuda", 8)):
-        with train.attention_kernel(torch.device(device), length):
-            assert torch.backends.cuda.flash_sdp_enabled()
-
-
-def test_both_attention_kernels_give_the_same_loss_and_gradients():
-    torch.manual_seed(0)
-    model = GPTModel(SMALL)
-    inputs = torch.randint(0, 97, (2, 7))
-    targets = torch.randint(0, 97, (2, 7))
-    results = []
-    for length in (6, train.PLAIN_ATTENTION_MAX + 1):  # the plain kernel, then the fused one
-        with train.attention_kernel(torch.device("cpu"), length):
-            loss = train.calc_loss_batch(inputs, targets, model, 'cpu')
-        results.append((loss, torch.autograd.grad(loss, model.parameters())))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
+    logits = model(inputs)
+    by_hand = torch.stack([-torch.log_softmax(logits[b, t], -1)[targets[b, t]]
+                           for b in range(3) for t in range(9) if targets[b, t] != -100]).mean()
+    torch.testing.assert_close(train.calc_loss_batch(inputs, targets, model, "cpu"), by_hand)
 
 
 def test_padding_to_a_multiple_leaves_the_loss_and_gradients_unchanged():
@@ -83,53 +58,93 @@ def test_padding_to_a_multiple_leaves_the_loss_and_gradients_unchanged():
         torch.testing.assert_close(a, b)
 
 
-def test_a_batch_without_targets_gives_zero_loss_not_nan():
+def book_reference_loop(model, train_loader, val_loader, optimizer, num_epochs, eval_freq,
+                        eval_iter):
+    """Chapter 7's train_model_simple, spelt out here on the book's own modules
+    (benchmarks/book_model.py), as the reference: full logits, the book's loader average."""
+    def loader_loss(loader):
+        n = min(eval_iter, len(loader))
+        return sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                   for _, (x, y) in zip(range(n), loader)) / n
+    train_losses, val_losses, tokens, seen, step = [], [], [], 0, -1
+    for _ in range(num_epochs):
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            optimizer.step()
+            seen, step = seen + x.numel(), step + 1
+            if step % eval_freq == 0:
+                model.eval()
+                with torch.no_grad():
+                    train_losses.append(loader_loss(train_loader))
+                    val_losses.append(loader_loss(val_loader))
+                model.train()
+                tokens.append(seen)
+    return train_losses, val_losses, tokens
+
+
+def test_train_model_simple_returns_the_books_losses_on_the_books_model():
+    """10 steps of tiny (dropout 0) from the same weights over the same plain DataLoader batches:
+    train_model_simple on GPTModel and the book's loop on the book's GPTModel agree to 1e-4."""
+    tok = get_tokenizer()
+    entries = load_data(ROOT / "data" / "instruction-data.json")[:100]
+    collate = lambda b: custom_collate_fn(b, allowed_max_length=256)  # noqa: E731
+    train_loader = DataLoader(InstructionDataset(entries[:40], tok), batch_size=4,
+                              collate_fn=collate)
+    val_loader = DataLoader(InstructionDataset(entries[40:60], tok), batch_size=4,
+                            collate_fn=collate)
+    torch.manual_seed(123)
+    ours = GPTModel(dict(model_config("tiny"), tie_head=False))  # the book's head is its own
+    book = book_model.from_gpt(ours).train()
+    results = {}
+    for name, model in (("ours", ours), ("book", book)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+        if name == "ours":
+            with redirect_stdout(io.StringIO()) as printed:
+                results[name] = train.train_model_simple(
+                    model, train_loader, val_loader, optimizer, "cpu", 1, 3, 2,
+                    "Name a colour.", tok)
+        else:
+            results[name] = book_reference_loop(model, train_loader, val_loader, optimizer, 1, 3, 2)
+    (ours_train, ours_val, ours_tokens), (book_train, book_val, book_tokens) = \
+        results["ours"], results["book"]
+    assert len(ours_train) == 4  # steps 0, 3, 6, 9 of the 10 (40 entries, batch 4)
+    assert ours_tokens == book_tokens and ours_tokens[0] == train_loader.__iter__().__next__()[0].numel()
+    assert ours_train == pytest.approx(book_train, rel=1e-4)
+    assert ours_val == pytest.approx(book_val, rel=1e-4)
+    assert ours_train[-1] < ours_train[0]  # it learned
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("Ep 1 (Step 000000): Train loss ") and len(lines) == 5
+    assert lines[-1].startswith("Name a colour.")  # the sample after the epoch, on one line
+
+
+def test_plot_losses_takes_the_books_four_arguments(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert train.plot_losses([0.0, 0.5, 1.0], [0, 40, 80], [3.0, 2.0, 1.5], [3.1, 2.2, 1.9])
+    assert (tmp_path / "loss-plot.pdf").read_bytes()[:5] == b"%PDF-"  # the book's file name
+    assert train.plot_losses([0, 1], [0, 8], [2.0, 1.0], [2.5, 1.5], path=tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss-plot.pdf", "p.png"]
+
+
+# ---- the project's loop ---------------------------------------------------------------------------
+def test_train_step_skips_a_batch_without_targets_and_leaves_the_weights():
     model = GPTModel(SMALL)
-    inputs = torch.randint(0, 97, (2, 5))
-    targets = torch.full((2, 5), -100)
-    loss = train.calc_loss_batch(inputs, targets, model, 'cpu')
-    assert loss.item() == 0.0
-    loss.backward()
-    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
-
-
-FAULTS = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-import recipe
-if {keep}:
-    assert recipe.keep_freed_memory()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):  # 64 MB, freed, then again: from the second on its memory is reused or not
-    x = torch.ones(16 * 2**20); del x
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version"),
-                    reason="glibc's malloc only")
-def test_keep_freed_memory_reuses_a_freed_tensors_pages_instead_of_faulting_them_in_again():
-    faults = {keep: int(subprocess.run([sys.executable, "-c", FAULTS.format(root=str(ROOT), keep=keep)],
-                                       capture_output=True, text=True, check=True).stdout)
-              for keep in (False, True)}
-    # 8 x 16,384 pages of 4 kB; kept: those of the first one or two tensors only (measured 32,752)
-    assert faults[False] >= 8 * 16384 * 0.9 and faults[True] <= 2 * 16384 * 1.1, faults
-
-
-def test_save_every_takes_steps_or_minutes():
-    assert checkpoint.parse_every("200") == (200, "steps")
-    assert checkpoint.parse_every("1.5m") == (1.5, "minutes")
-    with pytest.raises(argparse.ArgumentTypeError):
-        checkpoint.parse_every("ten")
-    assert checkpoint.save_due((200, "steps"), 400, 0.0) and not checkpoint.save_due((200, "steps"), 401, 1e9)
-    assert checkpoint.save_due((1.5, "minutes"), 7, 90.0)
-    assert not checkpoint.save_due((1.5, "minutes"), 7, 89.0)
-    assert not checkpoint.save_due((0, "steps"), 0, 1e9)
+    opt = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
+    before = train.copy_weights(model)
+    inputs, targets = torch.randint(0, 97, (2, 5)), torch.full((2, 5), -100)
+    assert train.train_step(model, opt, inputs, targets, "cpu") == (0.0, 0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    targets[0, 1] = 7
+    loss, n = train.train_step(model, opt, inputs, targets, "cpu")
+    assert n == 1 and loss > 0
+    assert not torch.equal(before["tok_emb.weight"], model.tok_emb.weight)
 
 
 def test_copy_weights_copies_a_tied_weight_once_and_overwrites_an_earlier_copy_in_place():
     model = GPTModel(model_config("tiny"))  # head tied to the token embedding
-    best = checkpoint.copy_weights(model)
+    best = train.copy_weights(model)
     assert best["tok_emb.weight"] is best["out_head.weight"]
     distinct = {id(t): t for t in best.values()}.values()
     # 7.26M numbers, not 13.7M (parameters() lists the tied weight once)
@@ -139,58 +154,17 @@ def test_copy_weights_copies_a_tied_weight_once_and_overwrites_an_earlier_copy_i
         model.tok_emb.weight.add_(1.0)
         model.trf_blocks[0].ff.proj.weight.mul_(2.0)
     assert all(torch.equal(best[k], kept[k]) for k in kept)  # a copy, not a view of the weights
-    again = checkpoint.copy_weights(model, into=best)
+    again = train.copy_weights(model, into=best)
     assert all(again[k] is best[k] for k in best)  # the same tensors, no second copy
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
-
-
-def test_a_checkpoint_keeps_best_weights_only_when_they_differ_from_the_model(tmp_path):
-    torch.manual_seed(0)
-    model = GPTModel(SMALL)
-    opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
-    best = {k: v + 1 for k, v in checkpoint.copy_weights(model).items()}
-    for best_step, stored in ((3, False), (2, True)):
-        state = checkpoint.RunState(step=3, best_step=best_step, history=[{"step": 3}])
-        checkpoint.save_checkpoint(tmp_path / "c.pt", model, opt, state, best, SMALL)
-        kept = torch.load(tmp_path / "c.pt", weights_only=True)["best_weights"]
-        assert (kept is not None) == stored
-        _, loaded = checkpoint.load_checkpoint(tmp_path / "c.pt", GPTModel(SMALL), opt, SMALL)
-        want = best if stored else model.state_dict()
-        assert all(torch.equal(loaded[k], want[k]) for k in want)
-
-
-@pytest.mark.slow  # over 20 s on 2 cores
-def test_default_step_tracks_the_books_fp32_full_head_step_on_tiny():
-    """The default step (bf16 autocast, padded batches, head-only loss, attention kernel per
-    batch) stays within 0.1 % of the book's fp32 full-head step for 20 steps from the same
-    weights over the same rows: the largest gap measured here was 0.0155 % (0.34 % on
-    gpt2-small), so a bf16 slip that changes the loss by more than ~6x that fails."""
-    data = load_data(str(ROOT / "data" / "instruction-data.json"))[:160]
-    ds = InstructionDataset(data, get_tokenizer())
-    losses = {}
-    cpu = torch.device("cpu")
-    for fast in (False, True):
-        torch.manual_seed(123)
-        model = GPTModel(model_config("tiny"))
-        opt = train.make_optimizer(model, 1e-3, 0.1, cpu)
-        losses[fast] = []
-        autocast = recipe.make_autocast(cpu, bf16=fast)
-        loss_fn = train.calc_loss_batch if fast else partial(train.calc_loss_batch, full_head=True)
-        for j in range(0, 160, 8):
-            inputs, targets = custom_collate_fn([ds[i] for i in range(j, j + 8)],
-                                                pad_to_multiple=recipe.PAD_MULTIPLE if fast else 1)
-            loss, _ = train.train_step(model, opt, inputs, targets, cpu, autocast, loss_fn)
-            losses[fast].append(loss)
-    gaps = [abs(fast - plain) / plain for plain, fast in zip(losses[False], losses[True])]
-    assert max(gaps) < 0.001 and losses[True][-1] < losses[True][0] - 1.0
 
 
 def test_the_step_updates_the_weights_in_optimizer_step_not_in_backward():
     torch.manual_seed(0)
     model = GPTModel(SMALL)
-    opt = train.make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
+    opt = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
     inputs, targets = torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (2, 6))
-    before = checkpoint.copy_weights(model)
+    before = train.copy_weights(model)
     loss = train.calc_loss_batch(inputs, targets, model, "cpu")
     loss.backward()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -214,21 +188,6 @@ def test_the_books_calls_work_with_the_books_arguments():
         pytest.approx((book.item(), book.item()), rel=1e-5)
     assert keep.sum() == 7  # targets 2 3 4 <pad> and 6 7 <pad> -100: the first pad is learned
     assert model.training  # evaluate_model puts the model back in training mode
-
-
-def test_the_books_own_model_trains_through_the_default_loss():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from book_model import from_gpt
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    torch.manual_seed(0)
-    ours = GPTModel(dict(SMALL, vocab_size=50257))
-    book = from_gpt(ours)
-    inputs, targets = custom_collate_fn([[1, 2, 3, 4], [5, 6, 7]])
-    torch.testing.assert_close(train.calc_loss_batch(inputs, targets, book, "cpu"),
-                               train.calc_loss_batch(inputs, targets, ours, "cpu"),
-                               rtol=1e-4, atol=1e-5)
 
 
 def test_compile_compiles_the_default_loss_path(tmp_path):
@@ -262,7 +221,7 @@ def run_train(tmp_path, *extra, data=None, check=True, **kw):
 
 def write_slice(tmp_path, n):
     path = tmp_path / "slice.json"
-    entries = load_data(str(ROOT / "data" / "instruction-data.json"))[:n]
+    entries = load_data(ROOT / "data" / "instruction-data.json")[:n]
     path.write_text(json.dumps(entries))
     return path
 
@@ -384,7 +343,7 @@ def test_resume_with_a_checkpoint_of_another_model_is_refused(tmp_path):
     out.mkdir()
     other = GPTModel(SMALL)
     opt = torch.optim.AdamW(other.parameters())
-    checkpoint.save_checkpoint(out / "checkpoint.pt", other, opt, checkpoint.RunState(), {},
+    checkpoint.save_checkpoint(out / "checkpoint.pt", other, opt, asdict(train.RunState()), {},
                           dict(SMALL, name="small-test"))
     result = run_train(tmp_path, "--resume", check=False)
     assert result.returncode == 2 and "checkpoint is for another model" in result.stderr
@@ -400,51 +359,6 @@ def test_help_explains_every_flag():
         assert flag in result.stdout
 
 
-def test_download_gpt2_offline_names_both_ways_forward(tmp_path, monkeypatch):
-    def refuse(url, dest, **kw):
-        raise OSError(f"cannot reach {url}")
-    monkeypatch.setattr(recipe, "download", refuse)
-    with pytest.raises(FileNotFoundError, match="--weights PATH.*--model tiny"):
-        recipe.download_gpt2("gpt2-small", cache_dir=tmp_path)
-
-
-def test_download_gpt2_uses_a_cached_file_without_network(tmp_path, monkeypatch):
-    dest = tmp_path / "gpt2" / "model.safetensors"
-    dest.parent.mkdir()
-    dest.write_bytes(safetensors_bytes(hf_gpt2_tensors(SMALL)))
-    monkeypatch.setattr(recipe, "download", lambda *a, **k: pytest.fail("network used"))
-    assert recipe.download_gpt2("gpt2-small", cache_dir=tmp_path) == dest
-
-
-def test_a_checkpoint_save_streams_to_disk_without_a_copy_in_memory(tmp_path):
-    """Peak memory (a fresh process's ru_maxrss) grows by under 5 % of the checkpoint's size when
-    it is saved: the file is streamed, never built in a buffer (which doubled it before)."""
-    code = f"""
-import resource, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
-import checkpoint, train
-from gpt import GPTModel
-cfg = dict(vocab_size=50257, context_length=64, emb_dim=512, n_heads=8, n_layers=4,
-           drop_rate=0.0, qkv_bias=True)
-model = GPTModel(cfg)
-opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"))
-model(torch.randint(0, 50257, (1, 8))).sum().backward()
-opt.step()
-opt.zero_grad()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-checkpoint.save_checkpoint({str(tmp_path / 'c.pt')!r}, model, opt, checkpoint.RunState(), {{}}, cfg)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before, after)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    before, after = (int(x) * 1024 for x in out.stdout.split())  # KiB on Linux
-    size = (tmp_path / "c.pt").stat().st_size
-    assert size > 300 * 2**20  # weights and AdamW's two moments of a 39M-parameter model
-    assert after - before < 0.05 * size
-
-
-# ---- the tiny demo: pretrained start, schedule, defaults ------------------------------------
 def test_lr_at_warms_up_then_decays_along_a_cosine_to_a_tenth():
     # lr 1, warm-up 2, 10 steps: steps 0, 1 -> 1/2, 2/2; then 0.1 + 0.9 * (1 + cos(pi * p)) / 2
     # with p = (step - 2) / 8: step 2 -> 1.0, step 6 (p = 1/2) -> 0.55, step 10 (p = 1) -> 0.1
@@ -460,52 +374,33 @@ def test_train_model_sets_each_steps_rate_from_the_schedule():
     model = GPTModel(dict(SMALL, vocab_size=50257))  # collate pads with <|endoftext|>
     rows = [[(3 * i + j) % 97 for j in range(5)] for i in range(8)]
     loader = make_loader(rows, batch_size=2, shuffle=True, drop_last=True)  # 4 steps an epoch
-    opt = train.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"))
+    opt = make_optimizer(model, 1e-2, 0.0, torch.device("cpu"))
     seen = []
 
     def recording_loss(inputs, targets, model, device):
         if torch.is_grad_enabled():  # a training step: the rate it will use
             seen.append(opt.param_groups[0]["lr"])
         return train.calc_loss_batch(inputs, targets, model, device)
-    args = SimpleNamespace(epochs=2, max_steps=0, eval_every=100, eval_batches=1, save_every=(0, "steps"),
-                           patience=0, lr_schedule="cosine", warmup_steps=2)
-    train.train_model(model, opt, loader, loader, torch.device("cpu"), args, checkpoint.RunState(),
-                      checkpoint.copy_weights(model), contextlib.nullcontext, recording_loss,
-                      lambda *a: None, lambda *a: None, log=lambda *a: None)
+    reason, best = train.train_model(
+        model, loader, loader, opt, "cpu", 2, 100, 1, loss_fn=recording_loss,
+        lr_schedule=lambda s, total: train.lr_at(s, 1e-2, total, "cosine", 2), log=lambda *a: None)
     assert seen == pytest.approx([train.lr_at(s, 1e-2, 8, "cosine", 2) for s in range(8)])
+    assert reason == "completed 2 epochs" and best is None
 
 
-def test_tiny_defaults_and_the_books_stay_apart():
-    book, tiny = recipe.parse_args([]), recipe.parse_args(["--model", "tiny"])
-    assert (book.lr, book.epochs, book.lr_schedule, book.warmup_steps, book.mask_prompt) == \
-        (5e-5, 2, "constant", 0, False)
-    assert (tiny.lr_schedule, tiny.mask_prompt, tiny.keep_last, tiny.patience) == ("cosine", True, True, 0)
-    assert book.keep_last is False and recipe.parse_args(["--model", "tiny", "--no-keep-last"]).keep_last is False
-    assert recipe.parse_args(["--model", "tiny", "--no-mask-prompt"]).mask_prompt is False
-    assert recipe.parse_args(["--mask-prompt"]).mask_prompt is True
-    scratch = recipe.parse_args(["--model", "tiny", "--from-scratch"])
-    assert (scratch.epochs, scratch.lr, scratch.lr_schedule, scratch.mask_prompt) == \
-        (15, 1e-3, "constant", False)
+def test_train_model_keeps_the_best_weights_and_stops_early():
+    """--lr 0: nothing improves after the first evaluation, so patience 2 stops at step 2 and the
+    best weights are those of step 0."""
+    torch.manual_seed(0)
+    model = GPTModel(dict(SMALL, vocab_size=50257))
+    rows = [[(3 * i + j) % 97 for j in range(5)] for i in range(8)]
+    loader = make_loader(rows, batch_size=2, shuffle=True, drop_last=True)
+    opt = make_optimizer(model, 0.0, 0.0, torch.device("cpu"))
+    state = train.RunState()
+    reason, best = train.train_model(model, loader, loader, opt, "cpu", 3, 1, 1, state=state,
+                                     patience=2, best=train.copy_weights(model), log=lambda *a: None)
+    assert reason == "early stop at step 2: no new best validation loss in 2 evaluations"
+    assert state.best_step == 0 and [h["step"] for h in state.history] == [0, 1, 2]
+    assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
 
 
-def test_the_committed_tiny_model_is_the_pretrained_one_and_train_loads_it():
-    raw = recipe.TINY_PRETRAINED.read_bytes()
-    assert hashlib.sha256(raw).hexdigest() == \
-        "7f5987e6e08a89789723f5544ae35e773f1f36c5281d14e0021f45f9189c55ec"
-    assert len(raw) < 30_000_000  # the issue's size limit for shipped weights
-    saved = torch.load(recipe.TINY_PRETRAINED, weights_only=True)
-    assert saved["config"]["name"] == "tiny"
-    model, cfg = recipe.build_model(recipe.parse_args(["--model", "tiny"]), log=lambda *a: None)
-    assert cfg["name"] == "tiny"
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, saved["state_dict"][name].float(), msg=name)
-
-
-def test_from_scratch_never_reads_the_pretrained_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(recipe, "TINY_PRETRAINED", tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError):
-        recipe.build_model(recipe.parse_args(["--model", "tiny"]), log=lambda *a: None)
-    model, _ = recipe.build_model(recipe.parse_args(["--model", "tiny", "--from-scratch"]),
-                                 log=lambda *a: None)
-    torch.manual_seed(123)  # the run's seed: the same random start as GPTModel on its own
-    torch.testing.assert_close(model.state_dict(), GPTModel(model_config("tiny")).state_dict())

@@ -2,14 +2,14 @@
 trained (a spy on train_step sees every batch, the autocast state and the head's input) or on
 what was written, not by the parsed settings."""
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
-import checkpoint
 import train
+from fast import step as fast_step
+from training import checkpoint
 from data import get_tokenizer, load_data
 from gpt import GPTModel, load_model, model_config, save_model
 
@@ -22,8 +22,7 @@ def trained(tmp_path, monkeypatch, *flags, steps=2, weights=False):
     """Runs train.main on 40 entries; returns (one record per trained batch, the out folder)."""
     seen = []
 
-    def spy(model, optimizer, inputs, targets, device, autocast=nullcontext,
-            loss_fn=train.calc_loss_batch, count=train.count_targets):
+    def spy(model, optimizer, inputs, targets, device, loss_fn=train.calc_loss_batch, count=None):
         record = {"inputs": inputs.clone(), "targets": targets.clone()}
         if weights:
             record["before"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -31,14 +30,18 @@ def trained(tmp_path, monkeypatch, *flags, steps=2, weights=False):
         def head_rows(module, args, output) -> None:
             record["head_rows"] = args[0].shape[:-1].numel()
 
-        def watched(i, t, m, d):  # what the loss sees: autocast on or off, the head's rows
+        def autocast_state(module, args) -> None:
             record["autocast"] = torch.is_autocast_enabled("cpu")
-            hook = m.out_head.register_forward_hook(head_rows)
+
+        def watched(i, t, m, d):  # what the forward pass sees: autocast on or off, head rows
+            hooks = [m.out_head.register_forward_hook(head_rows),
+                     m.trf_blocks[0].register_forward_pre_hook(autocast_state)]
             try:
                 return loss_fn(i, t, m, d)
             finally:
-                hook.remove()
-        result = REAL_STEP(model, optimizer, inputs, targets, device, autocast, watched, count)
+                for hook in hooks:
+                    hook.remove()
+        result = REAL_STEP(model, optimizer, inputs, targets, device, watched, count)
         if weights:
             record["after"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         seen.append(record)
@@ -46,7 +49,7 @@ def trained(tmp_path, monkeypatch, *flags, steps=2, weights=False):
     monkeypatch.setattr(train, "train_step", spy)
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "slice.json"
-    data.write_text(json.dumps(load_data(str(ROOT / "data" / "instruction-data.json"))[:40]))
+    data.write_text(json.dumps(load_data(ROOT / "data" / "instruction-data.json")[:40]))
     out = tmp_path / "out"
     train.main(["--model", "tiny", "--data", str(data), "--batch-size", "4", "--max-steps",
                 str(steps), "--eval-every", "1000", "--eval-batches", "1", "--no-generate",
@@ -122,7 +125,7 @@ def test_no_length_grouping_gives_batches_with_more_padding(tmp_path, monkeypatc
 
 
 def test_full_head_runs_the_head_on_every_position(tmp_path, monkeypatch):
-    rows, real = [], train.HeadCrossEntropy  # on CPU the default head loss goes through it
+    rows, real = [], fast_step.HeadCrossEntropy  # on CPU the default head loss goes through it
 
     class Recording:
         @staticmethod
@@ -130,7 +133,7 @@ def test_full_head_runs_the_head_on_every_position(tmp_path, monkeypatch):
             if torch.is_grad_enabled():  # a training step, not an evaluation
                 rows.append(len(hidden))
             return real.apply(hidden, *rest)
-    monkeypatch.setattr(train, "HeadCrossEntropy", Recording)
+    monkeypatch.setattr(fast_step, "HeadCrossEntropy", Recording)
     default, _ = trained(tmp_path / "a", monkeypatch)
     assert rows == [int((d["targets"] != -100).sum()) for d in default] and len(rows) == 2
     full, _ = trained(tmp_path / "b", monkeypatch, "--full-head")
@@ -176,8 +179,8 @@ def test_the_best_weights_are_restored_unless_keep_last(tmp_path, monkeypatch, k
 def checkpoint_steps(monkeypatch) -> list[int]:
     steps = []
     real = checkpoint.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, model, opt, state, *a, **k:
-                        (steps.append(state.step), real(path, model, opt, state, *a, **k)))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda path, model, opt, state, *a, **k:
+                        (steps.append(state["step"]), real(path, model, opt, state, *a, **k)))
     return steps
 
 

@@ -1,4 +1,5 @@
-"""The training step and the evaluation loss replayed as CUDA graphs: train.py's default on CUDA.
+"""The training step and the evaluation loss replayed as CUDA graphs: train.py's default on CUDA
+(fast/step.py's `make_step` chooses it).
 
 At the book's batch (8 rows of 40-80 tokens) a GPT-2-medium training step is a few milliseconds of
 GPU arithmetic behind ~1,500 kernel launches, and launching them from Python takes longer than
@@ -10,8 +11,8 @@ work, so the step here is written for that:
   state is created up front, as its first step would create it;
 - the output head runs on every position and cross_entropy ignores the -100 targets (the
   book's loss); the default head's selection of rows with a target has a data-dependent size;
-- the learning rate is a tensor that the loop fills (`set_lr` in train.py), not a number
-  baked into the recorded kernels;
+- the learning rate is a tensor, not a number baked into the recorded kernels: the loop sets a
+  number, which `step` copies into the tensor before each replay;
 - a loss that is not finite is flagged on the GPU, and fused AdamW skips the whole update when
   the flag is set (its `found_inf`, the mechanism of torch's GradScaler): as in `train_step`,
   such a step never touches the weights;
@@ -51,8 +52,8 @@ class GraphedTraining:
 
     `step` returns (loss, target tokens) as train.train_step does. `loss` has calc_loss_batch's
     signature: under torch.no_grad() (evaluation) it replays a graph of the forward pass and the
-    loss; with gradients on it runs eagerly. `loss_fn` must need no host work (train.py passes
-    calc_loss_batch with full_head=True). `capture=False` runs everything eagerly.
+    loss; with gradients on it runs eagerly. `loss_fn` must need no host work (fast/step.py passes
+    the book's calc_loss_batch: the head on every position). `capture=False` runs it all eagerly.
     """
 
     def __init__(self, model, optimizer, loss_fn, bf16: bool, capture: bool | None = None):
@@ -62,6 +63,7 @@ class GraphedTraining:
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
                                 enabled=bf16, cache_enabled=False)
         prepare_optimizer(optimizer)
+        self.rates = [group["lr"] for group in optimizer.param_groups]  # what the kernels read
         self.graphs = {}  # (step?, train mode?, batch shape) -> (graph, loss, inputs, targets)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -115,6 +117,10 @@ class GraphedTraining:
         n_targets = int((target_batch != -100).sum())
         if not n_targets:  # nothing to learn from (and a mean over no targets is NaN)
             return 0.0, 0
+        for group, rate in zip(self.optimizer.param_groups, self.rates):
+            if not torch.is_tensor(group["lr"]):  # the loop set a new rate: into the tensor
+                rate.fill_(group["lr"])
+                group["lr"] = rate
         return self._run(True, input_batch, target_batch).item(), n_targets
 
     def loss(self, input_batch, target_batch, model, device) -> torch.Tensor:

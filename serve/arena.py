@@ -1,9 +1,9 @@
-"""The Chatbot Arena as a page of serve.py (arena.html at GET /arena), when it serves two or more
+"""The Chatbot Arena as a page of serve/server.py (arena.html at GET /arena), when it serves two or more
 models: two of them, drawn at random, answer a typed prompt as "Model A" and "Model B"; the names
 stay on the server until the vote, which is added to the battles file `evaluate.py ratings` reads.
 
 Entry points: `Contestant`, `Arena` (open battles and votes) and `ROUTES` (POST /arena/battle,
-POST /arena/vote, GET /arena/ratings), which serve.py mounts. The pairing, the battle record and
+POST /arena/vote, GET /arena/ratings), which serve/server.py mounts. The pairing, the battle record and
 its writer are evals/arena.py's; the ratings are evals/ratings.py's.
 """
 import collections
@@ -13,10 +13,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from batching import Engine
+from serve.batching import Engine
 from evals import ratings
 from evals.arena import battle_record, pick_pair, record_battle
-from openai_api import ApiError, get, parse_request
+from serve.openai_api import ApiError, get, parse_request
 
 PAGE = Path(__file__).with_name("arena.html")
 MAX_OPEN = 1000  # battles remembered (open or voted); older ones are forgotten, oldest first
@@ -85,7 +85,7 @@ class Arena:
 
 def arena_of(app):
     if app.arena is None:
-        raise ApiError(404, "no arena: it needs two or more models (python serve.py A.pt B.pt)")
+        raise ApiError(404, "no arena: it needs two or more models (python serve/server.py A.pt B.pt)")
     return app.arena
 
 

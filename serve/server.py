@@ -1,8 +1,8 @@
 """Talk to a trained model: an OpenAI-compatible HTTP server and a chat page (chat.html at GET /);
-given two or more models, also an arena page at /arena (serve_arena.py) that compares them blind.
+given two or more models, also an arena page at /arena (serve/arena.py) that compares them blind.
 
 Entry points: `Handler` (routes, errors, streaming), `make_app` / `load_app` / `make_server`, and
-the command line `python serve.py out/model.pt [more.pt ...]`. Standard library HTTP only;
+the command line `python serve/server.py out/model.pt [more.pt ...]`. Standard library HTTP only;
 openai_api.py reads and writes the JSON, batching.Engine generates. Not a production server: no
 TLS, the API answers with the first model only, single turns.
 """
@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NoReturn
 
-from batching import Engine, Request
-from data import PROMPT_STYLES, cli_main, get_tokenizer
-from evals.arena import model_names
-from generate import check_writable, pick_device
-from gpt import load_model
-from openai_api import ApiError, choice, error_body, get, parse_request, usage
-from serve_arena import ROUTES as ARENA_ROUTES
-from serve_arena import Arena, Contestant
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the chapter's files
+
+from data import PROMPT_STYLES, cli_main, get_tokenizer  # noqa: E402
+from evals.arena import model_names  # noqa: E402
+from generate import check_writable  # noqa: E402
+from extras.book_format import load_any_model as load_model  # noqa: E402
+from gpt import pick_device  # noqa: E402
+from serve.arena import ROUTES as ARENA_ROUTES  # noqa: E402
+from serve.arena import Arena, Contestant  # noqa: E402
+from serve.batching import Engine, Request  # noqa: E402
+from serve.openai_api import ApiError, choice, error_body, get, parse_request, usage  # noqa: E402
 
 PAGE = Path(__file__).with_name("chat.html")
 

@@ -20,16 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from checkpoint import Interrupted, RunState, StopRequested, copy_weights, save_due, stop_reason
-from collate import LengthGroupedBatchSampler
-from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json
-from generate import generate_responses, pick_device
-from gpt import atomic_save, load_model, read_checkpoint, save_model
-from outputs import check_out_dir, format_duration, plot_losses
-from recipe import add_run_flags, make_autocast, use_bf16
-from train import make_optimizer
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run by path (python extras/dpo.py): the chapter's files
 
-DEFAULT_DATA = str(Path(__file__).parent / "data" / "preference-data.json")
+from collate import LengthGroupedBatchSampler  # noqa: E402
+from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json  # noqa: E402
+from fast.step import use_bf16  # noqa: E402
+from generate import generate_responses  # noqa: E402
+from extras.book_format import load_any_model as load_model  # noqa: E402
+from gpt import atomic_save, pick_device, read_checkpoint, save_model  # noqa: E402
+from train import Interrupted, RunState, StopRequested, copy_weights, format_duration, plot_losses  # noqa: E402
+from training.files import fetch_data  # noqa: E402
+from training.run import add_run_flags, check_out_dir, make_optimizer  # noqa: E402
+
+DEFAULT_DATA = str(ROOT / "data" / "preference-data.json")
 BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium
 TINY_DEFAULTS = dict(lr=1e-4, eval_every=20)  # the from-scratch demo model moves less easily
 
@@ -51,7 +55,7 @@ def preference_problem(entry: dict) -> str | None:
 
 def load_preferences(source: str) -> list[dict]:
     """Checked preference entries; a ValueError names the file and the first bad entry."""
-    entries = load_data(source, require_output=False)  # instruction and input checked there
+    entries = load_data(fetch_data(source, require_output=False), require_output=False)
     for i, entry in enumerate(entries):
         if problem := preference_problem(entry):
             raise ValueError(f"{source}: entry {i} {problem}")
@@ -267,12 +271,18 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
                 state.tokens_seen += int(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
                 if state.step % args.eval_every == 0 and evaluate():
                     best = copy_weights(policy, into=best)
-                if save_due(args.save_every, state.step, time.perf_counter() - last_save):
+                every, unit = args.save_every  # N steps, or N minutes since the last save
+                if every and (state.step % every == 0 if unit == "steps" else
+                              time.perf_counter() - last_save >= 60 * every):
                     on_save(state, best)
                     last_save = time.perf_counter()
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
-                reason = stop_reason(state, args.patience, args.max_steps)
+                if args.patience and state.evals_since_best >= args.patience:
+                    reason = f"early stop at step {state.step}: no new best validation loss " \
+                             f"in {args.patience} evaluations"
+                elif args.max_steps and state.step >= args.max_steps:
+                    reason = f"reached --max-steps {args.max_steps}"
                 if reason:
                     break
             else:
@@ -370,8 +380,8 @@ def main(argv=None) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     lora = None
-    if args.lora_rank:  # an extra: imported only for a LoRA run
-        import lora
+    if args.lora_rank:  # imported only for a LoRA run
+        from extras import lora
         targets = args.lora_targets or lora.TARGETS
         n = lora.add_lora(model, args.lora_rank, args.lora_alpha, targets)
         log(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha} on {', '.join(targets)}: "
@@ -386,7 +396,7 @@ def main(argv=None) -> None:
                                                  args.seed, max_length, device)
                                 for part, shuffle in ((train_data, True), (val_data, False)))
     bf16 = use_bf16(args.precision, device)
-    autocast = make_autocast(device, bf16)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     source = {"model_path": str(args.model_path), "sha256": file_sha256(args.model_path),
               "lora": [args.lora_rank, args.lora_alpha, args.lora_targets] if lora else None}
@@ -423,7 +433,9 @@ def main(argv=None) -> None:
         "best_step": state.best_step, "best_val_loss": state.best_val, "stop_reason": reason,
         "steps": state.step, "response_tokens_seen": state.tokens_seen,
         "train_seconds": train_seconds})
-    if not plot_losses(state.history, out_dir / "loss-plot.png"):
+    if not plot_losses(*([h[k] for h in state.history] for k in ("epoch", "tokens", "train_loss",
+                                                                 "val_loss")),
+                       out_dir / "loss-plot.png"):
         log("loss-plot.png skipped: pip install matplotlib to get the plot")
     log(f"outputs written to {out_dir}/")
 

@@ -1,4 +1,4 @@
-"""Continuous batching for serve.py: one thread owns the model and generates for every active
+"""Continuous batching for serve/server.py: one thread owns the model and generates for every active
 request at once, one token a step over a shared KV cache; requests that arrive join at the next
 step (prefilled together, their cache merged in), finished or abandoned ones leave at once.
 
@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import last_logits, left_pad, sample_next
-from gpt import KVCache
+from generate import KVCache, last_logits, left_pad, sample_next
 
 
 # ---- one request's generation: its tokens, its text, and the events its writer sends ------------

@@ -8,7 +8,6 @@
 import hashlib
 import math
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -202,7 +201,7 @@ class LoRARun:
             if self.base_path:
                 load_weights(model, self.base_path)
         elif self.base_path is None and not args.from_scratch:
-            from recipe import TINY_PRETRAINED, download_gpt2  # the file build_model loaded
+            from training.files import TINY_PRETRAINED, download_gpt2  # what build_model loaded
             self.base_path = str(TINY_PRETRAINED if args.model == "tiny"
                                  else download_gpt2(args.model))
         self.base_sha256 = fingerprint(model)
@@ -225,21 +224,23 @@ class LoRARun:
         trainable = set(lora_state(model))
         ckpt = {"format": self.FORMAT, "config": cfg, "lora": lora_state(model),
                 "base": {"path": self.base_path, "sha256": self.base_sha256},
-                "optimizer": optimizer.state_dict(), "state": asdict(state),
+                "optimizer": optimizer.state_dict(), "state": state,
                 "best_lora": best_weights and {k: v for k, v in best_weights.items() if k in trainable},
                 "torch_rng": torch.get_rng_state()}
         atomic_save(ckpt, path)
 
-    def load_checkpoint(self, path, model, optimizer, cfg):
-        from checkpoint import RunState, copy_weights
+    def load_checkpoint(self, path, model, optimizer, cfg, state_class=dict) -> tuple:
+        """(the loop's state, made by `state_class`; the best weights: the base shared, the best
+        adapters copied), as training/checkpoint.py's load_checkpoint."""
         ckpt = self._read(path)
         try:
             # None: the run kept no best weights (--keep-last); the current ones stand in
             load_lora_state(model, ckpt["best_lora"] or ckpt["lora"], path)
-            best = copy_weights(model)
+            best = {name: w.detach().clone() if w.requires_grad else w.detach()
+                    for name, w in model.state_dict(keep_vars=True).items()}
             load_lora_state(model, ckpt["lora"], path)
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["torch_rng"])
-            return RunState(**ckpt["state"]), best
+            return state_class(**ckpt["state"]), best
         except (KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"{path}: damaged LoRA checkpoint ({type(e).__name__}: {e})") from None

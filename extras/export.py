@@ -1,8 +1,8 @@
-"""Take a model elsewhere: a Hugging Face GPT-2 folder, the book's `GPTModel` state dict, or the
-weights alone as one safetensors file. Reads what `gpt.load_model` reads (this project's model.pt,
-or the book's .pth). Entry points: `export_hf`, `export_book`, `export_safetensors`, and
+"""Take a model elsewhere: `python extras/export.py MODEL --to FORMAT DEST`. Formats: a Hugging
+Face GPT-2 folder, the book's `GPTModel` state dict, the weights alone as one safetensors file,
+or this project's model.pt (to convert the book's .pth). MODEL: this project's model.pt or the
+book's .pth. Entry points: `export_hf`, `export_book`, `export_safetensors`, and
 `write_safetensors`, this project's own writer of the format that `gpt.read_safetensors` reads.
-Not here: GGUF (llama.cpp's converter takes the Hugging Face folder) or quantisation.
 """
 import argparse
 import ctypes
@@ -17,11 +17,13 @@ from typing import Callable
 
 import torch
 
-from data import ENDOFTEXT, GPT2_SHA256, atomic_write_bytes, cli_main, read_checked, write_json
-from gpt import (BOOK_RENAMES, SAFETENSORS_DTYPES, GPTModel, atomic_save, hf_to_gpt_name,
-                 load_model, rename)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the chapter's files
 
-FORMATS = ("hf", "book", "safetensors")
+from data import ENDOFTEXT, GPT2_SHA256, atomic_write_bytes, cli_main, read_checked, write_json  # noqa: E402
+from extras.book_format import book_config, book_state_dict, load_any_model  # noqa: E402
+from gpt import SAFETENSORS_DTYPES, GPTModel, atomic_save, hf_to_gpt_name, save_model  # noqa: E402
+
+FORMATS = ("hf", "book", "safetensors", "model")
 HF_BLOCK_PARTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                   "mlp.c_proj.weight")  # stored (in, out) by Hugging Face's Conv1D
@@ -78,31 +80,6 @@ def hf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
     names = gpt2_names(cfg["n_layers"], model.tied_head)
     return {name: state[hf_to_gpt_name(name)].t() if name.endswith(CONV1D_WEIGHTS)
             else state[hf_to_gpt_name(name)] for name in names}
-
-
-def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The model's weights in the book's GPTModel names, att.mask buffers included, so that the
-    book's strict `load_state_dict` accepts them: the fused qkv splits into W_query, W_key,
-    W_value."""
-    to_book = {ours: book for book, ours in BOOK_RENAMES.items()}
-    n = model.cfg["context_length"]
-    mask = torch.triu(torch.ones(n, n), diagonal=1)  # the book's buffer; one tensor saved once
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if ".att.qkv." in name:  # rows: query, then key, then value (gpt.from_book's order)
-            for part, rows in zip(("W_query", "W_key", "W_value"), tensor.chunk(3)):
-                state[name.replace("qkv", part)] = rows
-        else:
-            state[rename(name, to_book)] = tensor
-        if name.endswith(".att.out_proj.bias"):
-            state[name.replace("out_proj.bias", "mask")] = mask
-    return state
-
-
-def book_config(cfg: dict) -> dict:
-    """The book's config dict for this model: the book uses the same key names."""
-    return {k: cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
-                                "drop_rate", "qkv_bias")}
 
 
 def hf_config(cfg: dict, tied: bool) -> dict:
@@ -192,13 +169,14 @@ def export_safetensors(model: GPTModel, path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Export a model (this project's model.pt, or the "
                                 "book's GPTModel state dict) to Hugging Face, the book's format, "
-                                "or a safetensors file.")
+                                "a safetensors file, or this project's model.pt.")
     p.add_argument("model", help="model.pt written by train.py, or a .pth of the book's GPTModel "
                    "(torch.save(model.state_dict(), ...); its size is read from the shapes)")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DEST"),
                    help="hf OUT_DIR: a new or empty folder for transformers (config.json, "
                         "model.safetensors, tokenizer); book FILE.pth: a state dict for the "
-                        "book's GPTModel; safetensors FILE: the weights alone, GPT-2's names")
+                        "book's GPTModel; safetensors FILE: the weights alone, GPT-2's names; "
+                        "model FILE.pt: this project's format (generate.py, serve, evaluate.py)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
     if args.to[0] not in FORMATS:
@@ -211,7 +189,7 @@ def main(argv=None) -> None:
     fmt, dest = args.to[0], Path(args.to[1])
     if fmt == "hf":
         check_new_folder(dest)  # before the slow part, not after it
-    model, cfg = load_model(args.model)
+    model, cfg = load_any_model(args.model)
     size = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {cfg['n_layers']} layers, width {cfg['emb_dim']}, {size / 1e6:.1f}M "
           f"parameters, head {'tied to' if model.tied_head else 'separate from'} the embedding",
@@ -226,8 +204,11 @@ def main(argv=None) -> None:
         export_book(model, dest)
         print(f"wrote {dest}; load it with the book's GPTModel({book_config(cfg)!r})",
               file=sys.stderr)
-    else:
+    elif fmt == "safetensors":
         export_safetensors(model, dest)
+        print(f"wrote {dest}", file=sys.stderr)
+    else:
+        save_model(model, cfg, dest)
         print(f"wrote {dest}", file=sys.stderr)
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI wire format for serve.py: a /v1/chat/completions or /v1/completions JSON body
+"""The OpenAI wire format for serve/server.py: a /v1/chat/completions or /v1/completions JSON body
 becomes a batching.Request (`parse_request`, every field checked: `ApiError` 400 naming it), and
 `choice`, `usage`, `error_body` build the replies and streamed chunks. No HTTP and no model here.
 """
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from batching import Request
+from serve.batching import Request
 from generate import check_sampling, encode_prompts
 
 

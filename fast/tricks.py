@@ -1,7 +1,7 @@
 """Opt-in training tricks, each doing a standard piece's arithmetic, measured in benchmarks/bench.py.
 
 None of them is in train.py's default path: each bought under 10 % of speed or memory on the
-machines measured (README, Performance), so the default step stays the book's.
+machines measured (docs/performance.md). `keep_freed_memory` is `train.py --keep-memory`;
 `AdamWInBackward` updates each weight during backward, so the gradients never all exist at once
 (gradient clipping and accumulation then cannot work); `recast_saved_weights` keeps autocast's
 bf16 weight copies out of the saved activations; `release_free_memory` hands back what the C
@@ -11,8 +11,6 @@ import ctypes
 import sys
 
 import torch
-
-
 
 
 def _pack_saved(tensor):
@@ -45,6 +43,26 @@ def recast_saved_weights():
     return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
 
 
+def keep_freed_memory() -> bool:
+    """Ask the C library (glibc's malloc) to keep the memory of freed tensors for the next ones.
+
+    By default each tensor over 32 MB (gpt2-small's embedding gradient is 154 MB, a bf16 copy of
+    its weights 77 MB) gets fresh pages from the kernel and returns them when freed, so the next
+    one of its size faults them in again, a page at a time: about 170,000 page faults a training
+    step on CPU. Without mmap and trimming, freed memory is reused: 6-9 % faster steps for up to
+    7 % more peak memory (docs/performance.md), so it is `train.py --keep-memory`, not a default.
+    Process wide; False where there is no glibc `mallopt` (macOS, musl: nothing changes there).
+    """
+    try:
+        libc = ctypes.CDLL(None)  # the running process's own C library
+    except (OSError, TypeError):  # Windows has no such handle
+        return False
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def _find_malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
@@ -62,7 +80,7 @@ def release_free_memory() -> None:
 
     glibc keeps freed blocks mapped for reuse, and the next step's blocks do not always fit the
     holes. Called once a step, the peak is closer to what the step needs: 0.03 GiB lower for
-    6 % of the speed in the last measurement (README, Performance).
+    6 % of the speed in the last measurement (docs/performance.md).
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

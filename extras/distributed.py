@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (an extra of train.py): DDP, or FSDP2 with --fsdp.
 
-train.py imports this file only when torchrun started it with WORLD_SIZE > 1, so a plain
+train.py (through training/run.py) imports this file only when torchrun started it with WORLD_SIZE > 1, so a plain
 `python train.py` never touches torch.distributed. `Run` joins the process group (NCCL on CUDA,
 gloo on CPU, a timeout on every collective), wraps the model, shards the batches, makes every
 loss the mean over all ranks' target tokens, and tells who writes files (rank 0).
@@ -162,7 +162,7 @@ class Run:
         return part + (total / n - part).detach()
 
     def save(self, write, path, model, optimizer, state, best, cfg) -> None:
-        """`write` (checkpoint.save_checkpoint) on rank 0 while the others wait, so that every
+        """`write` (training/checkpoint.py's save_checkpoint) on rank 0 while the others wait, so that every
         rank goes on only once the checkpoint is complete. The file is one process's checkpoint
         (DDP: every rank has the same weights; FSDP: the shards gathered into whole tensors and
         AdamW's state in one process's numbering), so it resumes under any number of ranks."""
@@ -172,21 +172,22 @@ class Run:
             write(path, model, optimizer, state, best, cfg)
         dist.barrier()
 
-    def load(self, read, path, model, optimizer, cfg) -> tuple:
-        """`read` (checkpoint.load_checkpoint) on every rank; under FSDP into a whole model
+    def load(self, read, path, model, optimizer, cfg, state_class=dict) -> tuple:
+        """`read` (training/checkpoint.py's load_checkpoint) on every rank; under FSDP into a whole model
         first (one full copy in CPU memory per rank while loading), then sharded."""
         if not self.fsdp:
-            return read(path, model, optimizer, cfg)
+            return read(path, model, optimizer, cfg, state_class)
         whole = self.model_class(cfg)
         # its settings (lr, weight decay) come from the checkpoint's param_groups
         whole_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad])
-        state, best = read(path, whole, whole_opt, cfg)
+        state, best = read(path, whole, whole_opt, cfg, state_class)
         set_model_state_dict(model, whole.state_dict(), options=FULL)
         set_optimizer_state_dict(model, optimizer, by_name(whole_opt.state_dict(), model),
                                  options=FULL)
         params = model.state_dict(keep_vars=True)
-        best = {k: distribute_tensor(v.to(self.device), params[k].device_mesh,
-                                     params[k].placements) for k, v in best.items()}
+        if best is not None:  # None: the current weights are the best
+            best = {k: distribute_tensor(v.to(self.device), params[k].device_mesh,
+                                         params[k].placements) for k, v in best.items()}
         return state, best
 
     def _gathered(self, model, optimizer, best):
