@@ -32,7 +32,8 @@ def import_gguf():
     try:
         import gguf
     except ImportError:
-        raise OSError("GGUF export needs the gguf package (llama.cpp's): pip install gguf") from None
+        raise OSError("GGUF export needs the gguf package (llama.cpp's): "
+                      "pip install gguf") from None
     return gguf
 
 
@@ -141,7 +142,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
