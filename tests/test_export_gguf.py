@@ -26,7 +26,9 @@ export_gguf = load_script("extras/export_gguf.py")
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 # ---- pinned: what llama.cpp's converter wrote for weyl_model() -------------------------------
-# Made with llama.cpp 0c1e57098 (vendored in the llama-cpp-python 0.3.36 sdist; gguf-py 0.19.0):
+# Made with llama.cpp 0c1e57098's converter and gguf-py 0.19.0, as vendored in the sdist of
+# llama-cpp-python 0.3.36 (pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36;
+# llama.cpp/ below is its vendor/llama.cpp), run with torch 2.13 and transformers 5.25:
 #   python -c "import sys; sys.path[:0] = ['.', 'extras', 'tests']; import export, \
 #       test_export_gguf as t; export.export_hf(t.weyl_model(), '/tmp/pin')"
 #   for d in f32 f16 q8_0; do python llama.cpp/convert_hf_to_gguf.py /tmp/pin --outtype $d \
