@@ -1,8 +1,7 @@
-"""extras/export_gguf.py: the GGUF, read back with gguf's own GGUFReader, holds the model's tensors
-(f32 exactly, f16 to fp16 rounding, q8_0 within its block error), llama.cpp's gpt2 metadata and
-GPT-2's tokenizer, byte for byte what llama.cpp's converter writes from this project's Hugging Face
-export (pinned below); the Modelfile renders the prompt the model was trained on. With
-llama-cpp-python installed, the GGUF also generates the project's greedy tokens (a slow test)."""
+"""extras/export_gguf.py: read back with gguf's GGUFReader, the GGUF holds the model's tensors (f32
+exactly, f16 to fp16 rounding, q8_0 within its block error), llama.cpp's gpt2 metadata and GPT-2's
+tokenizer, byte for byte what llama.cpp's converter writes from the Hugging Face export (pinned);
+the Modelfile renders the training prompt. With llama-cpp-python, a slow test runs the GGUF."""
 import functools
 import hashlib
 import math
@@ -107,8 +106,7 @@ def summary(path) -> tuple[list, str]:
     metadata = [(k, t, f"{len(v)} sha256 {hashlib.sha256(repr(v).encode()).hexdigest()[:16]}"
                  if isinstance(v, list) else v) for k, (t, v) in fields.items()]
     digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
+    for name, t in sorted(tensors.items()):
         digest.update(f"{name} {t.tensor_type.name} {list(map(int, t.shape))}".encode())
         digest.update(np.ascontiguousarray(t.data).tobytes())
     return metadata, digest.hexdigest()
@@ -249,8 +247,7 @@ def test_the_books_checkpoint_exports_with_its_own_head(tmp_path):
     model = weyl_model(dict(model_config("tiny"), n_layers=2, qkv_bias=False, tie_head=False))
     torch.save(book_state(model), tmp_path / "book.pth")
     loaded, cfg = load_model(tmp_path / "book.pth")
-    path = export_gguf.export_gguf(loaded, cfg, tmp_path / "book.gguf", "f32")
-    _, tensors = read_gguf(path)
+    _, tensors = read_gguf(export_gguf.export_gguf(loaded, cfg, tmp_path / "book.gguf", "f32"))
     expected = expected_tensors(model)
     assert sorted(tensors) == sorted(expected) and "output.weight" in tensors
     for name, x in expected.items():
@@ -303,59 +300,48 @@ def test_modelfile_renders_the_training_prompt(tmp_path, style):
         ("PARAMETER", "num_ctx 256")]
     template = dict(commands)["TEMPLATE"]
     data = load_data(str(REPO / "data" / "instruction-data.json"))
-    with_input = next(e for e in data if e.get("input"))
-    without = next(e for e in data if not e.get("input"))
+    with_input, without = (next(e for e in data if bool(e.get("input")) is has)
+                           for has in (True, False))
     for entry in (with_input, without):
         typed = export_gguf.ollama_prompt(entry, style)
         assert render(template, [(typed, None)]) == format_input(entry, style) + \
             response_header(style)
-    # a chat's earlier turn: its answer ends with <|endoftext|>, as in training
     first, second = (export_gguf.ollama_prompt(e, style) for e in (with_input, without))
-    assert render(template, [(first, "Cities."), (second, None)]) == (
+    assert render(template, [(first, "Cities."), (second, None)]) == (  # a chat's history
         format_input(with_input, style) + response_header(style) + "Cities." + ENDOFTEXT
         + format_input(without, style) + response_header(style))
 
 
 def test_ollama_prompt_is_the_instruction_then_the_input():
     entry = {"instruction": "Make this noun plural.", "input": "city"}
-    assert export_gguf.ollama_prompt(entry, "alpaca") == \
-        "Make this noun plural.\n\n### Input:\ncity"
-    assert export_gguf.ollama_prompt(entry, "phi3") == "Make this noun plural.\ncity"
-    assert export_gguf.ollama_prompt({"instruction": "Hi."}, "alpaca") == "Hi."
+    typed = {style: export_gguf.ollama_prompt(entry, style) for style in PROMPT_STYLES}
+    assert typed == {"alpaca": "Make this noun plural.\n\n### Input:\ncity",
+                     "phi3": "Make this noun plural.\ncity"}
 
 
 # ---- bad input: one-line ValueError / OSError, and never a half-written file --------------------
-def small_model() -> GPTModel:
-    return weyl_model(dict(model_config("tiny"), n_layers=1))
-
-
 def one_line(e: pytest.ExceptionInfo) -> str:
-    message = str(e.value)
-    assert "\n" not in message and message
-    return message
+    assert str(e.value) and "\n" not in str(e.value)
+    return str(e.value)
 
 
-def test_unknown_dtype_is_a_value_error(tmp_path):
-    model = small_model()
+def test_unknown_dtype_is_a_value_error(tmp_path, pin_model):
     with pytest.raises(ValueError) as e:
-        export_gguf.export_gguf(model, model.cfg, tmp_path / "m.gguf", "q4_0")
+        export_gguf.export_gguf(pin_model, pin_model.cfg, tmp_path / "m.gguf", "q4_0")
     assert "f32, f16, q8_0" in one_line(e) and not any(tmp_path.iterdir())
-    with pytest.raises(ValueError):
-        export_gguf.check_dtype("F16")
 
 
 @pytest.mark.parametrize("where", ["missing/m.gguf", "folder"])
-def test_unwritable_path_is_an_os_error_naming_it(tmp_path, where):
-    model, path = small_model(), tmp_path / where
+def test_unwritable_path_is_an_os_error_naming_it(tmp_path, pin_model, where):
     (tmp_path / "folder").mkdir()
     with pytest.raises(OSError) as e:
-        export_gguf.export_gguf(model, model.cfg, path, "f16")
-    assert str(path) in one_line(e)
+        export_gguf.export_gguf(pin_model, pin_model.cfg, tmp_path / where, "f16")
+    assert str(tmp_path / where) in one_line(e)
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]  # no temporary left behind
 
 
-def test_a_failed_export_leaves_the_old_file(tmp_path, monkeypatch):
-    model, path = small_model(), tmp_path / "m.gguf"
+def test_a_failed_export_leaves_the_old_file(tmp_path, pin_model, monkeypatch):
+    path = tmp_path / "m.gguf"
     path.write_bytes(b"the old file")
     real, calls = gguf.quants.quantize, []
 
@@ -367,30 +353,29 @@ def test_a_failed_export_leaves_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.quants, "quantize", full_disk_at_the_third_tensor)
     with pytest.raises(OSError) as e:
-        export_gguf.export_gguf(model, model.cfg, path, "q8_0")
+        export_gguf.export_gguf(pin_model, pin_model.cfg, path, "q8_0")
     assert one_line(e) == f"cannot write {path}: No space left on device"
     assert path.read_bytes() == b"the old file"
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temporary left behind
 
 
-def test_other_vocabularies_and_a_missing_gguf_package_are_refused(tmp_path, monkeypatch):
+def test_other_vocabularies_and_a_missing_gguf_package_are_refused(tmp_path, pin_model,
+                                                                    monkeypatch):
     cfg = dict(model_config("tiny"), vocab_size=97, n_layers=1)
     with pytest.raises(ValueError) as e:
         export_gguf.export_gguf(GPTModel(cfg), cfg, tmp_path / "m.gguf")
     assert "50257" in one_line(e)
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
-    model = small_model()
     with pytest.raises(OSError) as e:
-        export_gguf.export_gguf(model, model.cfg, tmp_path / "m.gguf")
+        export_gguf.export_gguf(pin_model, pin_model.cfg, tmp_path / "m.gguf")
     assert one_line(e) == "GGUF export needs the gguf package (llama.cpp's): pip install gguf"
 
 
 # ---- llama.cpp itself (pip install llama-cpp-python; not in CI) ------------------------------
 @pytest.mark.slow
 def test_llama_cpp_continues_as_generate_does(tmp_path):
-    """The f32 GGUF in llama.cpp: GPT-2's tokens for the prompt, logits within 0.05 of the model's
-    (llama.cpp keeps its KV cache and GELU table in fp16: about 0.015 here, on logits up to ~18),
-    and the same 60 greedy tokens as generate.generate."""
+    """The f32 GGUF in llama.cpp: GPT-2's tokens, logits within 0.05 of the model's (llama.cpp's
+    fp16 KV cache and GELU table: ~0.015 on logits to ~18), generate()'s 60 greedy tokens."""
     llama_cpp = pytest.importorskip("llama_cpp")
     model, cfg = load_model(REPO / "data" / "tiny-pretrained.pt")
     path = export_gguf.export_gguf(model, cfg, tmp_path / "tiny.gguf", "f32")
