@@ -128,10 +128,11 @@ def run_loop(args, program: str) -> dict:
     return dict(result, train_seconds=time.perf_counter() - start, bf16=bf16)
 
 
-def run_project(args, extra: list[str]) -> dict:
-    """`python train.py` on the same job; its metrics.json gives the training time."""
+def run_project(args, extra: list[str], root: Path = ROOT) -> dict:
+    """`python train.py` on the same job; its metrics.json gives the training time. `root`: the
+    checkout whose train.py runs (another commit's, to compare two in one run)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--weights",
+        cmd = [sys.executable, str(Path(root) / "train.py"), "--model", args.model, "--weights",
                args.weights, "--data", args.data, "--epochs", str(args.epochs),
                "--batch-size", str(args.batch_size), "--eval-every", str(args.eval_every),
                "--eval-batches", str(args.eval_batches), "--patience", "0", "--no-generate",
@@ -191,10 +192,11 @@ def peak_memory(device: torch.device) -> float:
 
 def one(args) -> dict:
     program, _, flags = args.one.partition(":")
+    program, _, checkout = program.partition("@")
     if program == "generation":
         result = run_generation(args)
     elif program == "project":
-        result = run_project(args, flags.split())
+        result = run_project(args, flags.split(), Path(checkout) if checkout else ROOT)
         child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         return dict(result, peak_gib=child if args.device == "cpu" else None)
     else:
@@ -236,7 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=110, help="test prompts for generation (110)")
     p.add_argument("--book-prompts", type=int, default=3, help="prompts for the book's loop (3)")
     p.add_argument("--programs", default="book,plain,project,project:--compile,generation",
-                   help="comma-separated; project:FLAGS passes FLAGS to train.py")
+                   help="comma-separated; project:FLAGS passes FLAGS to train.py, "
+                        "project@DIR runs DIR/train.py (another checkout, in the same run)")
     p.add_argument("--weights", help="HF-layout weights (default: random ones written first)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)

@@ -20,10 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the chapter's files
 
 from data import ENDOFTEXT, GPT2_SHA256, atomic_write_bytes, cli_main, read_checked, write_json  # noqa: E402
+from extras import export_gguf  # noqa: E402
 from extras.book_format import book_config, book_state_dict, load_any_model  # noqa: E402
+from generate import check_writable  # noqa: E402
 from gpt import SAFETENSORS_DTYPES, GPTModel, atomic_save, hf_to_gpt_name, save_model  # noqa: E402
 
-FORMATS = ("hf", "book", "safetensors", "model")
+FORMATS = ("hf", "book", "safetensors", "model", "gguf")
 HF_BLOCK_PARTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                   "mlp.c_proj.weight")  # stored (in, out) by Hugging Face's Conv1D
@@ -176,11 +178,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hf OUT_DIR: a new or empty folder for transformers (config.json, "
                         "model.safetensors, tokenizer); book FILE.pth: a state dict for the "
                         "book's GPTModel; safetensors FILE: the weights alone, GPT-2's names; "
-                        "model FILE.pt: this project's format (generate.py, serve, evaluate.py)")
+                        "model FILE.pt: this project's format (generate.py, serve, evaluate.py); "
+                        "gguf FILE.gguf: llama.cpp and Ollama, with FILE.Modelfile beside it "
+                        "(needs pip install gguf)")
+    p.add_argument("--dtype", choices=export_gguf.DTYPES, default="f16",
+                   help="gguf only: f32 (exact), f16 or q8_0 (int8 blocks of 32 with a scale) "
+                        "for the weight matrices; norms, biases and positions stay f32 (f16)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
     if args.to[0] not in FORMATS:
         p.error(f"--to: unknown format {args.to[0]!r}; choose one of {', '.join(FORMATS)}")
+    if args.dtype != "f16" and args.to[0] != "gguf":
+        p.error("--dtype applies to --to gguf only")
     return args
 
 
@@ -189,6 +198,10 @@ def main(argv=None) -> None:
     fmt, dest = args.to[0], Path(args.to[1])
     if fmt == "hf":
         check_new_folder(dest)  # before the slow part, not after it
+    else:
+        check_writable(dest, "--to")  # before the slow part, not after it
+    if fmt == "gguf":
+        export_gguf.import_gguf()  # a missing package is said before the model is read
     model, cfg = load_any_model(args.model)
     size = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {cfg['n_layers']} layers, width {cfg['emb_dim']}, {size / 1e6:.1f}M "
@@ -207,6 +220,12 @@ def main(argv=None) -> None:
     elif fmt == "safetensors":
         export_safetensors(model, dest)
         print(f"wrote {dest}", file=sys.stderr)
+    elif fmt == "gguf":
+        export_gguf.export_gguf(model, cfg, dest, args.dtype)
+        modelfile = export_gguf.write_modelfile(dest, cfg.get("prompt_style", "alpaca"),
+                                                cfg["context_length"])
+        print(f"wrote {dest} ({args.dtype}) and {modelfile}: ollama create NAME -f "
+              f"{modelfile}, then ollama run NAME", file=sys.stderr)
     else:
         save_model(model, cfg, dest)
         print(f"wrote {dest}", file=sys.stderr)

@@ -381,3 +381,33 @@ def test_generate_accepts_a_book_checkpoint(tmp_path):
                              "--prompt", "Name a colour.", "--max-new-tokens", "3"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "missing.pt"), ("unwritable", "cannot write --to"), ("dtype", "invalid choice")])
+def test_gguf_export_bad_input_is_one_line_exit_2_before_any_work(tmp_path, case, message):
+    pytest.importorskip("gguf")
+    model = tmp_path / ("missing.pt" if case == "missing" else "m.pt")
+    if case != "missing":
+        save_model(GPTModel(dict(SMALL, vocab_size=50257)), dict(SMALL, vocab_size=50257), model)
+    dest = tmp_path / ("no-folder/m.gguf" if case == "unwritable" else "m.gguf")
+    extra = ["--dtype", "q4_0"] if case == "dtype" else []
+    result = subprocess.run([sys.executable, str(ROOT / "extras" / "export.py"), str(model),
+                             "--to", "gguf", str(dest), *extra], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1]
+    assert not dest.exists() and "Traceback" not in result.stderr
+
+
+def test_gguf_export_writes_the_model_and_its_modelfile(tmp_path):
+    pytest.importorskip("gguf")
+    cfg = dict(SMALL, vocab_size=50257, prompt_style="phi3")
+    save_model(GPTModel(cfg), cfg, tmp_path / "m.pt")
+    result = subprocess.run([sys.executable, str(ROOT / "extras" / "export.py"),
+                             str(tmp_path / "m.pt"), "--to", "gguf", str(tmp_path / "m.gguf"),
+                             "--dtype", "f32"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf", "m.pt"]
+    assert "<|user|>" in (tmp_path / "m.Modelfile").read_text()  # the style it was trained with
+

@@ -18,7 +18,8 @@ import regex  # noqa: E402 (tiktoken's dependency)
 from data import (ENDOFTEXT, GPT2_PATTERN, PROMPT_STYLES, bytes_to_unicode,  # noqa: E402
                   format_input, get_tokenizer, load_data, response_header)
 from generate import generate  # noqa: E402
-from gpt import BOOK_RENAMES, GPTModel, load_model, model_config, rename  # noqa: E402
+from extras.book_format import book_state_dict, load_any_model  # noqa: E402
+from gpt import GPTModel, load_model, model_config  # noqa: E402
 from script_loader import REPO, load_script  # noqa: E402
 
 export_gguf = load_script("extras/export_gguf.py")
@@ -28,8 +29,8 @@ Q8_0 = gguf.GGMLQuantizationType.Q8_0
 # Made with llama.cpp 0c1e57098's converter and gguf-py 0.19.0, as vendored in the sdist of
 # llama-cpp-python 0.3.36 (pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36;
 # llama.cpp/ below is its vendor/llama.cpp), run with torch 2.13 and transformers 5.25:
-#   python -c "import sys; sys.path[:0] = ['.', 'extras', 'tests']; import export, \
-#       test_export_gguf as t; export.export_hf(t.weyl_model(), '/tmp/pin')"
+#   python -c "import sys; sys.path[:0] = ['.', 'tests']; from extras import export; \
+#       import test_export_gguf as t; export.export_hf(t.weyl_model(), '/tmp/pin')"
 #   for d in f32 f16 q8_0; do python llama.cpp/convert_hf_to_gguf.py /tmp/pin --outtype $d \
 #       --outfile /tmp/pin-$d.gguf; done
 #   python -c "import sys; sys.path[:0] = ['.', 'extras', 'tests']; import test_export_gguf as t; \
@@ -226,27 +227,11 @@ def test_tokenizer_is_gpt2s(exported):
     assert set(types[:50256]) == {gguf.TokenType.NORMAL}
 
 
-def book_state(model: GPTModel) -> dict[str, torch.Tensor]:
-    """`model` as the book's torch.save(model.state_dict()): its names, W_query/W_key/W_value
-    instead of the fused qkv, and the causal-mask buffers."""
-    to_book, n = {ours: book for book, ours in BOOK_RENAMES.items()}, model.cfg["context_length"]
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if ".att.qkv." in name:
-            for part, rows in zip(("W_query", "W_key", "W_value"), tensor.chunk(3)):
-                state[name.replace("qkv", part)] = rows
-        else:
-            state[rename(name, to_book)] = tensor
-    for i in range(model.cfg["n_layers"]):
-        state[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(n, n), diagonal=1)
-    return state
-
-
 def test_the_books_checkpoint_exports_with_its_own_head(tmp_path):
     # the book's GPTModel: no qkv bias, an output head of its own
     model = weyl_model(dict(model_config("tiny"), n_layers=2, qkv_bias=False, tie_head=False))
-    torch.save(book_state(model), tmp_path / "book.pth")
-    loaded, cfg = load_model(tmp_path / "book.pth")
+    torch.save(book_state_dict(model), tmp_path / "book.pth")  # the book's torch.save
+    loaded, cfg = load_any_model(tmp_path / "book.pth")
     _, tensors = read_gguf(export_gguf.export_gguf(loaded, cfg, tmp_path / "book.gguf", "f32"))
     expected = expected_tensors(model)
     assert sorted(tensors) == sorted(expected) and "output.weight" in tensors
