@@ -166,39 +166,131 @@ def entry_problem(entry, require_output: bool = True) -> str | None:
     return None
 
 
-def parse_entries(raw: bytes, require_output: bool = True) -> list[dict]:
-    """The checked list of entries in a JSON file's bytes; ValueError names the first problem."""
+def read_records(raw: bytes) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON list, or of JSON Lines (one object a line);
+    `where` ("entry 3", "line 4") names it in messages. A line that is not JSON is a record
+    that cannot be used (a BadRecord, its problem), so that the rest can still be read."""
     try:
-        data = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark is fine
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is fine
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.lstrip().startswith("{"):  # a JSON list, as the book's file
+        data = parse_json(text)
+        if not isinstance(data, list):
+            raise ValueError(f"expected a JSON list of entries or JSON Lines, got a "
+                             f"{type(data).__name__}")
+        return [(f"entry {i}", record) for i, record in enumerate(data)]
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((f"line {n}", parse_json(line)))
+            except ValueError as e:
+                records.append((f"line {n}", BadRecord(str(e))))
+    return records
+
+
+class BadRecord(str):
+    """A JSON Lines line that could not be read: its problem."""
+
+
+def parse_json(text: str):
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except ValueError:  # Python refuses integers of more than 4300 digits
         raise ValueError("not valid JSON (a number too long to read)") from None
-    if not isinstance(data, list):
-        raise ValueError(f"expected a JSON list of entries, got a {type(data).__name__}")
-    if not data:
+
+
+def parse_entries(raw: bytes, require_output: bool = True, fields: dict | None = None,
+                  log=lambda message: print(message, file=sys.stderr), check=None) -> list[dict]:
+    """The usable entries in a file's bytes (JSON list or JSON Lines; `fields`: ours -> theirs;
+    `check(entry)`: what else an entry needs, its problem or None). Entries that cannot be used
+    are skipped and counted in one `log` line; a ValueError names the first problem when none
+    is usable."""
+    records = read_records(raw)
+    if not records:
         raise ValueError("the list of entries is empty")
-    for i, entry in enumerate(data):
-        if problem := entry_problem(entry, require_output):
-            raise ValueError(f"entry {i} {problem}")
-    return data
+    if fields or not is_book_layout(records[0][1]):
+        records = from_other_layout(records, fields, log)
+    entries, problems = [], []
+    for where, entry in records:
+        problem = entry if isinstance(entry, BadRecord) else \
+            entry_problem(entry, require_output) or (check(entry) if check else None)
+        if problem:
+            problems.append(f"{where} {problem}")
+        else:
+            entries.append(entry)
+    if not entries:
+        raise ValueError(problems[0] + (f" (and the {len(problems) - 1} others)"
+                                        if len(problems) > 1 else ""))
+    if problems:
+        log(f"warning: skipped {len(problems)} of {len(records)} entries that cannot be used: "
+            f"{'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}")
+    return entries
 
 
-def load_data(path, require_output: bool = True) -> list[dict]:
+# ---- your own data: other layouts, turned into the book's entries --------------------------------
+DOLLY = {"context": "input", "response": "output"}  # Dolly's fields -> the book's
+CHATS = ("messages", "conversations")  # a list of turns: {role, content} or ShareGPT's {from, value}
+CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def is_book_layout(record) -> bool:
+    """False for a Dolly record (instruction, context, response) or a chat."""
+    return not isinstance(record, dict) or not (
+        any(isinstance(record.get(k), list) for k in CHATS)
+        or ({"instruction", *DOLLY} <= set(record) and "output" not in record))
+
+
+def from_other_layout(records: list, fields: dict | None, log) -> list:
+    """Records of another layout in the book's fields (other fields kept): renamed by `fields`
+    (ours -> theirs), Dolly's, or a chat's first user turn and the answer to it. Says which."""
+    first = records[0][1]
+    if not fields and any(isinstance(first.get(k), list) for k in CHATS):
+        log("chat layout: the first user turn -> instruction, the answer to it -> output")
+        return [(where, chat_entry(r) if isinstance(r, dict) else r) for where, r in records]
+    rename = {theirs: ours for ours, theirs in fields.items()} if fields else DOLLY
+    log(f"{'--fields' if fields else 'Dolly'} layout: "
+        + ", ".join(f"{theirs} -> {ours}" for theirs, ours in rename.items() if theirs != ours))
+    return [(where, {rename.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r)
+            for where, r in records]
+
+
+def chat_entry(record: dict) -> dict:
+    """A chat's first user turn as the instruction and the assistant's answer to it as the
+    output (none: entry_problem says what is missing)."""
+    turns = next((record[k] for k in CHATS if isinstance(record.get(k), list)), [])
+    entry = {k: v for k, v in record.items() if k not in CHATS}
+    roles = [CHAT_ROLES.get(t.get("role", t.get("from"))) if isinstance(t, dict) else None
+             for t in turns]
+    if "user" in roles:
+        first = roles.index("user")
+        entry["instruction"] = turns[first].get("content", turns[first].get("value"))
+        if "assistant" in roles[first:]:
+            answer = turns[first + roles[first:].index("assistant")]
+            entry["output"] = answer.get("content", answer.get("value"))
+    return entry
+
+
+def load_data(path, require_output: bool = True, fields: dict | None = None,
+              log=lambda message: print(message, file=sys.stderr), check=None) -> list[dict]:
     """Instruction entries from a JSON file (the book's format: a list of objects with string
-    `instruction`, `output` and optional `input`); ValueError names the file and the first bad
-    entry. training/files.py's `fetch_data` turns a URL into such a file."""
+    `instruction`, `output` and optional `input`) or JSON Lines, in a recognised layout (Alpaca,
+    Dolly, chat) or renamed by `fields`. Unusable entries are skipped with one `log` line; a
+    ValueError names the file and the first problem when nothing is usable. training/files.py's
+    `fetch_data` turns a URL into such a file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a JSON file")
     try:
-        return parse_entries(path.read_bytes(), require_output)
+        return parse_entries(path.read_bytes(), require_output, fields,
+                             lambda message: log(f"{path}: {message}"), check)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 

@@ -300,9 +300,17 @@ def generate_responses(model: GPTModel, entries: list[dict], tokenizer, style: s
 def check_writable(path, flag: str = "--output") -> None:
     """Fail before generating, not after, when the output (given as `flag`) could not be written."""
     folder = Path(path).resolve().parent
-    if Path(path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise OSError(f"cannot write {flag} {path}: it is a folder, or {folder} is missing "
-                      f"or read-only")
+    if Path(path).is_dir():
+        problem = "it is a folder"
+    elif any(p.is_file() for p in (folder, *folder.parents)):
+        problem = "a file stands where its folder should be"
+    elif not folder.is_dir():
+        problem = f"{folder} does not exist"
+    elif not os.access(folder, os.W_OK):
+        problem = f"{folder} is read-only"
+    else:
+        return
+    raise OSError(f"cannot write {flag} {path}: {problem}")
 
 
 def answer_file(answer, entries: list[dict], tokenizer, style: str, output: str) -> None:

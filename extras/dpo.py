@@ -18,99 +18,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run by path (python extras/dpo.py): the chapter's files
 
-from collate import LengthGroupedBatchSampler  # noqa: E402
-from data import InstructionDataset, cli_main, get_tokenizer, load_data, split_data, write_json  # noqa: E402
+from data import cli_main, get_tokenizer, split_data, write_json  # noqa: E402
+# the preference data lives in dpo_data.py; all of it is imported so `dpo.collate_pairs` etc. still work
+from extras.dpo_data import (PreferenceDataset, collate_pairs, load_preferences,  # noqa: E402, F401
+                             make_pair_loader, pad_with_mask, preference_problem)
 from fast.step import use_bf16  # noqa: E402
 from generate import generate_responses  # noqa: E402
 from extras.book_format import load_any_model as load_model  # noqa: E402
 from gpt import atomic_save, pick_device, read_checkpoint, save_model  # noqa: E402
 from train import Interrupted, RunState, StopRequested, copy_weights, format_duration, plot_losses  # noqa: E402
-from training.files import fetch_data  # noqa: E402
 from training.run import add_run_flags, check_out_dir, make_optimizer  # noqa: E402
 
 DEFAULT_DATA = str(ROOT / "data" / "preference-data.json")
 BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium
 TINY_DEFAULTS = dict(lr=1e-4, eval_every=20)  # the from-scratch demo model moves less easily
-
-
-# ---- preference data -----------------------------------------------------------------------
-def preference_problem(entry: dict) -> str | None:
-    """Why a (valid instruction) entry is not a usable preference pair, or None."""
-    for key in ("chosen", "rejected"):
-        if key not in entry:
-            return f"has no {key!r} field"
-        if not isinstance(entry[key], str):
-            return f"field {key!r} is a {type(entry[key]).__name__}, not a string"
-        if not entry[key].strip():
-            return f"field {key!r} is empty or only whitespace"
-    if entry["chosen"].strip() == entry["rejected"].strip():
-        return "has the same text as 'chosen' and 'rejected' (nothing to prefer)"
-    return None
-
-
-def load_preferences(source: str) -> list[dict]:
-    """Checked preference entries; a ValueError names the file and the first bad entry."""
-    entries = load_data(fetch_data(source, require_output=False), require_output=False)
-    for i, entry in enumerate(entries):
-        if problem := preference_problem(entry):
-            raise ValueError(f"{source}: entry {i} {problem}")
-    return entries
-
-
-class PreferenceDataset:
-    """Each pair tokenized once: prompt + response header + chosen (or rejected) response."""
-
-    def __init__(self, data: list[dict], tokenizer, style: str = "alpaca"):
-        self.chosen = InstructionDataset([dict(e, output=e["chosen"]) for e in data], tokenizer, style)
-        self.rejected = InstructionDataset([dict(e, output=e["rejected"]) for e in data],
-                                           tokenizer, style)
-        self.lengths = [max(a, b) for a, b in zip(self.chosen.lengths, self.rejected.lengths)]
-
-    def __getitem__(self, index: int):
-        return (self.chosen.item_with_prompt_length(index),
-                self.rejected.item_with_prompt_length(index))
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-
-def pad_with_mask(items, pad_token_id: int, allowed_max_length: int | None):
-    """(ids, prompt_len) items -> padded (B, T) ids and a mask that is True on response tokens.
-
-    Each response ends with one <|endoftext|> (its end is part of what is preferred).
-    """
-    rows = [(list(ids) + [pad_token_id], prompt_len) for ids, prompt_len in items]
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (row, prompt_len) in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, prompt_len:len(row)] = True
-    return ids[:, :allowed_max_length], mask[:, :allowed_max_length]
-
-
-def collate_pairs(batch, pad_token_id: int = 50256, allowed_max_length: int | None = None,
-                  device="cpu") -> dict:
-    """The book's DPO batch: {"chosen", "chosen_mask", "rejected", "rejected_mask"}."""
-    out = {}
-    for key, items in (("chosen", [c for c, _ in batch]), ("rejected", [r for _, r in batch])):
-        ids, mask = pad_with_mask(items, pad_token_id, allowed_max_length)
-        out[key], out[f"{key}_mask"] = ids.to(device), mask.to(device)
-    return out
-
-
-def make_pair_loader(data, tokenizer, style, batch_size, shuffle, seed, max_length, device):
-    dataset = PreferenceDataset(data, tokenizer, style)
-    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=shuffle,
-                                        drop_last=shuffle, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=0,
-                      collate_fn=partial(collate_pairs, allowed_max_length=max_length,
-                                         device=device))
 
 
 # ---- the DPO loss --------------------------------------------------------------------------
@@ -374,7 +299,7 @@ def main(argv=None) -> None:
     log = (lambda *a, **k: None) if args.quiet else partial(print, flush=True)  # seen as it happens
     out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
     check_out_dir(out_dir)
-    data = load_preferences(args.data)
+    data = load_preferences(args.data, log=lambda message: print(message, file=sys.stderr))
     model, cfg = load_model(args.model_path, device)
     for key, value in (TINY_DEFAULTS if cfg.get("name") == "tiny" else BOOK_DEFAULTS).items():
         if getattr(args, key) is None:

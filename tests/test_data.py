@@ -127,22 +127,77 @@ def test_load_data_keeps_entries_and_extra_fields(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe[]", "not UTF-8 text"),
     (b"[{\"instruction\": ", "not valid JSON .*line 1"),
-    ({"instruction": "a", "output": "b"}, "expected a JSON list of entries, got a dict"),
+    (b'"text"', "expected a JSON list of entries or JSON Lines, got a str"),
     ([], "the list of entries is empty"),
-    ([ENTRY, "text"], "entry 1 is a str, not an object"),
-    ([ENTRY, ENTRY, {"input": "", "output": "b"}], "entry 2 has no 'instruction' field"),
-    ([{"instruction": "a", "input": ""}], "entry 0 has no 'output' field"),
-    ([ENTRY, {"instruction": "a", "input": 3, "output": "b"}], "entry 1 field 'input' is a int"),
-    ([{"instruction": "a", "output": None}], "entry 0 field 'output' is a NoneType"),
-    ([{"instruction": " \n\t", "output": "b"}], "entry 0 field 'instruction' is empty or only"),
-    ([{"instruction": "a", "output": ""}], "entry 0 field 'output' is empty"),
     (b"[" * 100000, "nested too deeply|not valid JSON"),
+    ([{"instruction": "a", "input": ""}], "entry 0 has no 'output' field"),
+    ([{"instruction": " \n\t", "output": "b"}, "text"],
+     "entry 0 field 'instruction' is empty or only whitespace .and the 1 others."),
 ])
-def test_invalid_data_is_one_valueerror_naming_source_and_entry(tmp_path, content, message):
+def test_a_file_with_nothing_usable_is_one_valueerror_naming_it(tmp_path, content, message):
     path = write(tmp_path, content)
     with pytest.raises(ValueError, match=message) as e:
         load_data(path)
     assert str(e.value).startswith(path + ": ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("text", "entry 1 is a str, not an object"),
+    ({"input": "", "output": "b"}, "entry 1 has no 'instruction' field"),
+    ({"instruction": "a", "input": 3, "output": "b"}, "entry 1 field 'input' is a int"),
+    ({"instruction": "a", "output": None}, "entry 1 field 'output' is a NoneType"),
+    ({"instruction": "a", "output": ""}, "entry 1 field 'output' is empty"),
+])
+def test_unusable_entries_are_skipped_and_counted_in_one_line(tmp_path, bad, problem):
+    path, said = write(tmp_path, [ENTRY, bad, NO_INPUT]), []
+    assert load_data(path, log=said.append) == [ENTRY, NO_INPUT]
+    assert len(said) == 1
+    assert said[0].startswith(f"{path}: warning: skipped 1 of 3 entries that cannot be used: "
+                              f"{problem}")
+
+
+def test_json_lines_and_the_line_of_each_problem(tmp_path):
+    lines = [json.dumps(ENTRY), "", json.dumps(NO_INPUT), "{not json", json.dumps({"output": "x"})]
+    path, said = write(tmp_path, "\n".join(lines).encode(), "d.jsonl"), []
+    assert load_data(path, log=said.append) == [ENTRY, NO_INPUT]
+    assert said == [f"{path}: warning: skipped 2 of 4 entries that cannot be used: line 4 not "
+                    f"valid JSON (Expecting property name enclosed in double quotes at line 1 "
+                    f"column 2); line 5 has no 'instruction' field"]
+    one = write(tmp_path, json.dumps(ENTRY).encode(), "one.jsonl")  # one object: one entry
+    assert load_data(one) == [ENTRY]
+
+
+def test_fields_rename_another_layout(tmp_path):
+    record = {"prompt": "Name a color.", "context": "", "response": "Blue.", "id": 3}
+    path, said = write(tmp_path, [record]), []
+    fields = {"instruction": "prompt", "input": "context", "output": "response"}
+    assert load_data(path, fields=fields, log=said.append) == [
+        {"instruction": "Name a color.", "input": "", "output": "Blue.", "id": 3}]
+    assert said == [f"{path}: --fields layout: prompt -> instruction, context -> input, "
+                    f"response -> output"]
+
+
+def test_dolly_and_chat_layouts_are_recognised_by_their_keys(tmp_path):
+    dolly = {"instruction": "Name a color.", "context": "", "response": "Blue.",
+             "category": "open_qa"}
+    path, said = write(tmp_path, json.dumps(dolly).encode(), "dolly.jsonl"), []
+    assert load_data(path, log=said.append) == [
+        {"instruction": "Name a color.", "input": "", "output": "Blue.", "category": "open_qa"}]
+    assert said == [f"{path}: Dolly layout: context -> input, response -> output"]
+    chats = [{"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "Name a color."},
+                           {"role": "assistant", "content": "Blue."},
+                           {"role": "user", "content": "Another?"}], "id": 1},
+             {"conversations": [{"from": "human", "value": "Say hi."},
+                                {"from": "gpt", "value": "Hi."}]},
+             {"messages": [{"role": "assistant", "content": "Hello!"}]}]
+    path, said = write(tmp_path, chats, "chat.json"), []
+    assert load_data(path, log=said.append) == [
+        {"instruction": "Name a color.", "output": "Blue.", "id": 1},
+        {"instruction": "Say hi.", "output": "Hi."}]
+    assert said == [f"{path}: chat layout: the first user turn -> instruction, the answer to "
+                    f"it -> output", f"{path}: warning: skipped 1 of 3 entries that cannot be "
+                    f"used: entry 2 has no 'instruction' field"]
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -251,9 +306,10 @@ def test_cli_debug_and_interrupt(capsys):
 
 
 def test_bad_data_through_a_real_command_line(tmp_path):
-    path = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    path = write(tmp_path, [{"instruction": "a", "output": " "}, {"instruction": "a"}])
     code = f"from data import cli_main, load_data; cli_main(lambda: load_data({path!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=ROOT, timeout=FRESH_TORCH_S)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"error: {path}: entry 1 has no 'output' field\n"
+    assert result.stderr == (f"error: {path}: entry 0 field 'output' is empty or only "
+                             f"whitespace (and the 1 others)\n")

@@ -116,16 +116,36 @@ def test_response_logprobs_equal_the_books_full_logits_way():
     ({"rejected": "Good. "}, "entry 1 has the same text as 'chosen' and 'rejected'"),
     ({"instruction": ""}, "entry 1 field 'instruction' is empty or only whitespace"),
 ])
-def test_bad_preference_data_is_refused_naming_the_entry(tmp_path, change, problem):
+def test_unusable_preference_pairs_are_skipped_and_counted(tmp_path, change, problem):
+    """A pair that cannot be used is skipped with one warning line naming it; a file with no
+    usable pair left is refused naming the first problem."""
     entries = [{"instruction": "Say hi.", "input": "", "chosen": "Hi.", "rejected": "No."},
                {"instruction": "Be nice.", "input": "", "chosen": "Good.", "rejected": "Bad."}]
     entries[1].update(change)
     entries[1] = {k: v for k, v in entries[1].items() if v is not None}
-    path = tmp_path / "prefs.json"
+    path, said = tmp_path / "prefs.json", []
     path.write_text(json.dumps(entries))
+    assert dpo.load_preferences(str(path), log=said.append) == entries[:1]
+    assert said == [f"{path}: warning: skipped 1 of 2 entries that cannot be used: {problem}"
+                    + said[0][len(f"{path}: warning: skipped 1 of 2 entries that cannot be used: "
+                                  f"{problem}"):]]
+    path.write_text(json.dumps(entries[1:]))
     with pytest.raises(ValueError) as info:
         dpo.load_preferences(str(path))
-    assert str(info.value).startswith(f"{path}: {problem}")
+    assert str(info.value).startswith(f"{path}: {problem.replace('entry 1', 'entry 0')}")
+
+
+def test_the_books_preference_file_loads_without_its_six_identical_pairs(tmp_path):
+    """The book's instruction-data-with-preference.json has 6 pairs (of 1,100) whose chosen and
+    rejected texts are the same; such pairs are written here at the book's indices."""
+    same = {122, 226, 400, 566, 628, 676}
+    entries = [{"instruction": f"Task {i}.", "input": "", "chosen": "Yes.",
+                "rejected": "Yes." if i in same else "No."} for i in range(1100)]
+    path, said = tmp_path / "book.json", []
+    path.write_text(json.dumps(entries))
+    assert len(dpo.load_preferences(str(path), log=said.append)) == 1094
+    assert len(said) == 1 and "skipped 6 of 1100 entries" in said[0]
+    assert "entry 122 has the same text as 'chosen' and 'rejected'" in said[0]
 
 
 def write_inputs(tmp_path, n=40):
@@ -178,16 +198,17 @@ def test_dpo_with_lora_checkpoints_adapters_resumes_and_saves_a_plain_model(tmp_
     assert other.returncode == 2 and "written for another start" in other.stderr
 
 
-def test_bad_preference_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
+def test_a_preference_file_with_no_usable_pair_exits_2_with_one_line_and_writes_nothing(tmp_path):
     write_inputs(tmp_path, n=3)
     entries = json.loads((tmp_path / "prefs.json").read_text())
-    entries[2]["rejected"] = entries[2]["chosen"]
+    for entry in entries:
+        entry["rejected"] = entry["chosen"]
     (tmp_path / "prefs.json").write_text(json.dumps(entries))
     result = run_dpo(tmp_path, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'prefs.json'}: entry 2 has the same text as 'chosen' and 'rejected' "
-        f"(nothing to prefer)"]
+        f"error: {tmp_path / 'prefs.json'}: entry 0 has the same text as 'chosen' and 'rejected' "
+        f"(nothing to prefer) (and the 2 others)"]
     assert not list((tmp_path / "out").iterdir())
 
 

@@ -330,7 +330,7 @@ def test_cli_judge_down_is_one_line_before_scoring(tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     (None, "not found: .*resp.json"),
-    ("{not json", "resp.json: not valid JSON"),
+    ("{not json", "resp.json: line 1 not valid JSON"),
     ("[]", "resp.json: the list of entries is empty"),
     (json.dumps([{"instruction": "i", "output": 3, "model_response": "r"}]), "entry 0 .*'output'"),
     (json.dumps([{"instruction": "i", "input": "", "output": "o"}]),

@@ -356,8 +356,8 @@ def test_export_into_a_non_empty_or_unwritable_folder_is_refused(tmp_path, capsy
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "a-file").write_text("")  # a folder that cannot be made: its parent is a file
     code, err = run_main(capsys, path, "--to", "book", tmp_path / "a-file" / "out.pth")
-    assert code == 2 and err.splitlines()[-1] == (f"error: cannot write {tmp_path}/a-file/out.pth: "
-                                                  f"a file stands where its folder should be")
+    assert code == 2 and err.splitlines()[-1] == (f"error: cannot write --to {tmp_path}/a-file/"
+                                                  f"out.pth: a file stands where its folder should be")
     if os.geteuid() != 0:  # root writes into read-only folders anyway
         (tmp_path / "ro").mkdir(mode=0o500)
         code, err = run_main(capsys, path, "--to", "safetensors", tmp_path / "ro" / "x.safetensors")

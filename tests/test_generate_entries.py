@@ -327,7 +327,7 @@ def test_an_unreadable_output_file_is_left_alone(llm, tmp_path, capsys):
     out = tmp_path / "gen.json"
     out.write_text('{"not": "a list"}')
     assert run(args(llm, out, 2)) == 2
-    assert "expected a JSON list" in capsys.readouterr().err and llm.requests == []
+    assert "line 1 has no 'instruction' field" in capsys.readouterr().err and llm.requests == []
     assert out.read_text() == '{"not": "a list"}'
 
 

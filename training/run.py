@@ -57,7 +57,8 @@ class Run:
         if not self.dist or self.dist.is_main:  # only rank 0 writes (two probes would collide)
             check_out_dir(self.out_dir)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
-        data = load_data(fetch_data(args.data) if "://" in args.data else args.data)  # URL: cached
+        data = load_data(fetch_data(args.data) if "://" in args.data else args.data,  # URL: cached
+                         fields=args.fields, log=self.log)
         self.tokenizer = get_tokenizer()
         self.model, self.cfg = build_model(args, self.log)
         if args.lora_rank:  # an extra: frozen weights, adapters trained (docs/lora-dpo.md)
@@ -263,7 +264,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", help="local model.safetensors (or .pt state dict); no download")
     p.add_argument("--from-scratch", action="store_true",
                    help="random initial weights instead of pretrained ones (tiny: 15 epochs)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="instruction data: JSON file or http(s) URL")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="instruction data: a JSON list or JSON Lines file, or an http(s) URL; "
+                        "Alpaca, Dolly and chat (messages) layouts are recognised")
+    p.add_argument("--fields", type=parse_fields, metavar="OURS=THEIRS,...",
+                   help="the data's names for instruction, input and output, e.g. "
+                        "instruction=prompt,input=context,output=response")
     p.add_argument("--prompt-style", choices=("alpaca", "phi3"), default="alpaca",
                    help="prompt format (alpaca)")
     p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction,
@@ -336,3 +342,15 @@ def fill_defaults(args) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """--fields "instruction=prompt,output=response" -> {"instruction": "prompt", ...}."""
+    fields = {}
+    for pair in text.split(","):
+        ours, _, theirs = pair.partition("=")
+        if ours.strip() not in ("instruction", "input", "output") or not theirs.strip():
+            raise argparse.ArgumentTypeError(f"{pair!r} is not instruction=NAME, input=NAME or "
+                                             f"output=NAME")
+        fields[ours.strip()] = theirs.strip()
+    return fields
