@@ -101,8 +101,7 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-p
     ax1 = fig.subplots()
     ax1.plot(epochs_seen, train_losses, label="Training loss")
     ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
-    ax1.set_xlabel("Epochs")
-    ax1.set_ylabel("Loss")
+    ax1.set(xlabel="Epochs", ylabel="Loss")
     ax1.legend(loc="upper right")
     ax2 = ax1.twiny()  # the same x positions, labelled with the tokens seen
     ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible: it only sets the ticks
@@ -304,7 +303,8 @@ def main(argv=None) -> None:
         sys.exit(130)
     seconds = time.perf_counter() - start
     step = loss_fn = None  # a CUDA graph's memory goes back before generation
-    model = run.final_model(best, state, reason, seconds)  # best weights restored, LoRA merged
+    # the best weights restored (unless --keep-last), LoRA's merged in
+    model = run.final_model(best, state, f"{reason}; training took {format_duration(seconds)}")
     # model.pt, the test set's responses, metrics.json and the book's loss plot
     write_outputs(run, model, state, reason, seconds, plot_losses)
     run.finish()

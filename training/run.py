@@ -106,16 +106,15 @@ class Run:
             self.save(state, best)
 
     # ---- after the loop ----------------------------------------------------------------------------
-    def final_model(self, best, state, reason: str, seconds: float):
+    def final_model(self, best, state, how_it_ended: str):
         """The model to write: the best weights unless --keep-last, whole (torchrun: on rank 0;
         the other ranks end here), with LoRA's adapters merged in (a plain GPTModel)."""
-        took = f"training took {format_seconds(seconds)}"
         if best is None:
-            self.log(f"{reason}; kept the last weights (--keep-last); {took}")
+            self.log(f"{how_it_ended}; kept the last weights (--keep-last)")
         else:
             self.model.load_state_dict(best)
-            self.log(f"{reason}; restored the best weights (step {state.best_step}, val loss "
-                     f"{state.best_val:.3f}); {took}")
+            self.log(f"{how_it_ended}; restored the best weights (step {state.best_step}, val "
+                     f"loss {state.best_val:.3f})")
         model = self.model
         if self.dist:
             model = self.dist.full_model(model, self.cfg)
@@ -165,11 +164,6 @@ def write_responses(run: Run, model) -> float:
         run.log(f"\n{format_input(entry, args.prompt_style)}\n\nCorrect response:\n>> "
                 f"{entry['output']}\n\nModel response:\n>> {response.strip()}\n" + "-" * 40)
     return seconds
-
-
-def format_seconds(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 # ---- what the settings build -------------------------------------------------------------------
