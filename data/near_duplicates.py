@@ -58,29 +58,30 @@ class Progress:
 
 
 def field_pairs(entries: list[dict], field: str, threshold: float = 0.9,
-                progress: Callable[[int, int], None] | None = None) -> list[Pair]:
+                progress: Callable[[int, int], None] | None = None,
+                search: Callable = similar_pairs) -> list[Pair]:
     """Near-duplicate pairs of one field, with the book's rules: entries whose field is empty
     (or missing) take no part, not even in the idf (the book fits TF-IDF on the non-empty texts
     only); a pair counts if its similarity is above `threshold`, unless either text is one
     character or less before preprocessing. i, j index `entries` (the book indexes the entries
     with positions in its filtered list instead, which names the wrong entries once one is
-    empty; this follows what it means)."""
+    empty; this follows what it means). `search`: brute_force_pairs checks similar_pairs."""
     where = [k for k, entry in enumerate(entries) if entry.get(field, "")]
     texts = [entries[k][field] for k in where]
     if not texts:
         return []
-    i, j, sims = similar_pairs(tfidf_matrix([preprocess_text(t) for t in texts]), threshold,
-                               progress=progress)
+    i, j, sims = search(tfidf_matrix([preprocess_text(t) for t in texts]), threshold,
+                        progress=progress)
     return [Pair(field, where[a], where[b], round(float(s), 12))
             for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist())
             if len(texts[a]) > 1 and len(texts[b]) > 1]
 
 
 def find_near_duplicates(entries: list[dict], threshold: float = 0.9, fields=FIELDS,
-                         quiet: bool = True) -> list[Pair]:
+                         quiet: bool = True, search: Callable = similar_pairs) -> list[Pair]:
     """Every field's near-duplicate pairs, field by field in `fields` order, then by i and j."""
     return [pair for field in fields
-            for pair in field_pairs(entries, field, threshold, Progress(field, quiet))]
+            for pair in field_pairs(entries, field, threshold, Progress(field, quiet), search)]
 
 
 # ---- parts: the split train.py makes ------------------------------------------------------------
