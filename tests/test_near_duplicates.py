@@ -298,3 +298,11 @@ def test_runs_by_path_from_the_repository_root(tmp_path):
     result = subprocess.run([sys.executable, "data/near_duplicates.py", str(path)], cwd=REPO,
                             capture_output=True, text=True, timeout=FRESH_TORCH_S)
     assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("3 near-duplicate")
+
+
+def test_the_benchmarks_generator_is_seeded_and_its_check_passes():
+    bench = load_script("benchmarks/near_duplicates_52k.py")
+    entries = bench.make_entries(400, seed=3)
+    assert entries == bench.make_entries(400, seed=3) != bench.make_entries(400, seed=4)
+    assert sum(bool(e["input"]) for e in entries) in range(100, 220)  # about 40 % have an input
+    assert "the same as brute force" in bench.check_subsample(entries, 300, seed=0)
