@@ -71,14 +71,33 @@ def test_equal_to_scikit_learn_on_small_files():
     pairwise = pytest.importorskip("sklearn.metrics.pairwise")
     rng = random.Random(0)
     for _ in range(5):
-        texts = [" ".join(rng.choice(["the", "cat", "Cat!", "sat", "é", "a\t", "  on", "mat."])
-                          for _ in range(rng.randint(1, 12))) for _ in range(30)]
+        words = ["the", "cat", "Cat!", "sat", "é", "a\t", "  on", "mat.", "日本語", "𝔘𝔫", "x_y\n"]
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(30)]
         book = [re.sub(r"[^\w\s]", "", t.lower()) for t in texts]  # the book's preprocess_text
         vectorizer = sklearn_text.TfidfVectorizer(analyzer="char", ngram_range=(1, 3))
         theirs = pairwise.cosine_similarity(vectorizer.fit_transform(book))
         m = tp.tfidf_matrix([tp.preprocess_text(t) for t in texts])
         assert np.abs(m.dense() @ m.dense().T - theirs).max() < 1e-12
         assert m.n_features == len(vectorizer.vocabulary_)
+
+
+PINNED_TEXTS = ["What is the capital of Italy?", "What's the capital city of Italy?",
+                "Identify the main verb: 'The cat sleeps.'",
+                "Identify the verb in: The cat sleeps.", "Café  au\tlait\n\nor tea?",
+                "日本語のテキスト"]
+# scikit-learn 1.9.1, so that the check runs where it is not installed (CI):
+#   t = [re.sub(r"[^\w\s]", "", x.lower()) for x in PINNED_TEXTS]   # the book's preprocess_text
+#   s = cosine_similarity(TfidfVectorizer(analyzer="char", ngram_range=(1, 3)).fit_transform(t))
+#   [round(float(v), 12) for v in s[np.triu_indices(6, 1)]]
+PINNED_SIMILARITIES = [0.85946611674, 0.402981605735, 0.416637924685, 0.288772383447, 0.0,
+                       0.390138102722, 0.397149253858, 0.280497878207, 0.0, 0.912779476783,
+                       0.233789070405, 0.0, 0.213397997214, 0.0, 0.0]
+
+
+def test_equal_to_pinned_scikit_learn_values():
+    m = tp.tfidf_matrix([tp.preprocess_text(t) for t in PINNED_TEXTS])
+    sims = (m.dense() @ m.dense().T)[np.triu_indices(6, 1)]
+    assert sims.tolist() == pytest.approx(PINNED_SIMILARITIES, abs=1e-11)
 
 
 def test_counting_in_chunks_changes_nothing():
