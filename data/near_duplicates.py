@@ -43,23 +43,25 @@ class Leak:
 
 
 class Progress:
-    """A progress callback for similar_pairs: one line on stderr at most every few seconds."""
+    """Progress of one field on stderr: a line at most every few seconds, none for a quick field.
+    `stage(name)` is the callback for one step (TF-IDF, the pair search); they share the clock."""
 
     def __init__(self, label: str, quiet: bool = False):
         self.label, self.quiet = label, quiet
         self.start = self.shown = time.monotonic()
 
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.quiet and now - self.shown >= PROGRESS_EVERY_S:  # a quick field stays silent
-            print(f"{self.label}: {done:,}/{total:,} rows ({100 * done / total:.0f} %), "
-                  f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
-            self.shown = now
+    def stage(self, name: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if not self.quiet and now - self.shown >= PROGRESS_EVERY_S:
+                print(f"{self.label}: {name} {done:,}/{total:,} ({100 * done / total:.0f} %), "
+                      f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
+                self.shown = now
+        return report
 
 
 def field_pairs(entries: list[dict], field: str, threshold: float = 0.9,
-                progress: Callable[[int, int], None] | None = None,
-                search: Callable = similar_pairs) -> list[Pair]:
+                progress: Progress | None = None, search: Callable = similar_pairs) -> list[Pair]:
     """Near-duplicate pairs of one field, with the book's rules: entries whose field is empty
     (or missing) take no part, not even in the idf (the book fits TF-IDF on the non-empty texts
     only); a pair counts if its similarity is above `threshold`, unless either text is one
@@ -70,8 +72,9 @@ def field_pairs(entries: list[dict], field: str, threshold: float = 0.9,
     texts = [entries[k][field] for k in where]
     if not texts:
         return []
-    i, j, sims = search(tfidf_matrix([preprocess_text(t) for t in texts]), threshold,
-                        progress=progress)
+    stage = progress.stage if progress else lambda name: None
+    matrix = tfidf_matrix([preprocess_text(t) for t in texts], stage("TF-IDF, texts"))
+    i, j, sims = search(matrix, threshold, progress=stage("pairs, rows"))
     return [Pair(field, where[a], where[b], round(float(s), 12))
             for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist())
             if len(texts[a]) > 1 and len(texts[b]) > 1]

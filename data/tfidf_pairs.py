@@ -100,7 +100,8 @@ def text_chunks(lengths: np.ndarray, chunk_chars: int):
         start = stop
 
 
-def count_matrix(texts: list[str], chunk_chars: int = 1 << 20) -> Rows:
+def count_matrix(texts: list[str], chunk_chars: int = 1 << 20,
+                 progress: Callable[[int, int], None] | None = None) -> Rows:
     """Each text's n-gram counts (CSR; column c is the c-th smallest n-gram id). Two passes over
     the texts, a chunk at a time: the vocabulary first, then each text's (column, count) runs."""
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
@@ -120,6 +121,8 @@ def count_matrix(texts: list[str], chunk_chars: int = 1 << 20) -> Rows:
         per_text[start:stop] = np.bincount(key[first] // max(size, 1), minlength=stop - start)
         columns.append((key[first] % max(size, 1)).astype(np.int32))
         counts.append(np.diff(np.append(first, len(key))).astype(np.float64))
+        if progress:
+            progress(stop, len(texts))
     indptr = np.concatenate([[0], np.cumsum(per_text)])
     return Rows(indptr, np.concatenate(columns), np.concatenate(counts), size)
 
@@ -133,11 +136,11 @@ def row_sums(m: Rows, values: np.ndarray) -> np.ndarray:
     return sums
 
 
-def tfidf_matrix(texts: list[str]) -> Rows:
+def tfidf_matrix(texts: list[str], progress: Callable[[int, int], None] | None = None) -> Rows:
     """TfidfVectorizer(analyzer="char", ngram_range=(1, 3)).fit_transform(texts), texts already
     preprocessed: raw counts times idf = ln((1 + n) / (1 + df)) + 1, each row scaled to length 1
     (a text without characters stays a zero row, similar to nothing)."""
-    matrix = count_matrix(texts)
+    matrix = count_matrix(texts, progress=progress)
     df = np.bincount(matrix.indices, minlength=matrix.n_features)
     matrix.data *= (np.log((1 + len(texts)) / (1 + df)) + 1)[matrix.indices]
     norms = np.sqrt(row_sums(matrix, matrix.data ** 2))

@@ -307,7 +307,8 @@ def test_progress_lines_and_quiet(tmp_path, capsys, monkeypatch):
     path, _ = leaky_file(tmp_path)
     monkeypatch.setattr(nd, "PROGRESS_EVERY_S", 0.0)
     _, _, err = run_main(capsys, path)
-    assert "instruction: 20/20 rows (100 %)" in err
+    assert "instruction: TF-IDF, texts 20/20 (100 %)" in err
+    assert "output: pairs, rows 20/20 (100 %)" in err
     _, _, err = run_main(capsys, path, "--quiet")
     assert err == ""
 
