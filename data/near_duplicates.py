@@ -132,7 +132,8 @@ def find_leaks(train_entries: list[dict], test_entries: list[dict],
     the book's measure (TF-IDF fitted on train + test together, as if one file), and inputs too,
     or both empty (or equal after preprocessing, which the book's one-character rule skips).
     One Leak per such test entry, naming the training entry with the highest least similarity
-    over the fields; sorted by test_index; [] when there are none. About 0.2 s for 1,000 entries."""
+    over the fields; sorted by test_index; [] when there are none. 0.4 s for the 1,137 entries of
+    data/instruction-data.json on 2 cores; the time grows as (len(train) + len(test)) ** 2."""
     both, n = train_entries + test_entries, len(train_entries)
     found = {}
     for field in FIELDS:
@@ -204,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("file", help="a JSON list of entries (data.load_data checks it)")
     p.add_argument("--threshold", type=threshold_value, default=0.9,
                    help="pairs with similarity above this, in (0, 1]; 1.0: identical after "
-                        "preprocessing (default %(default)s, as the book)")
+                        "preprocessing (default %(default)s, as the book's command)")
     p.add_argument("--json", action="store_true", help="one JSON object a line per pair")
     p.add_argument("--split", action="store_true",
                    help="only pairs across train/test/validation as data.split_data splits")
