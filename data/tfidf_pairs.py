@@ -14,7 +14,7 @@ Used by data/near_duplicates.py; imports no project file.
 """
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ def ngram_ids(codes: np.ndarray, doc: np.ndarray, k: int) -> tuple[np.ndarray, n
     return np.concatenate(docs), np.concatenate(ids)
 
 
-def text_chunks(lengths: np.ndarray, chunk_chars: int):
+def text_chunks(lengths: np.ndarray, chunk_chars: int) -> Iterator[tuple[int, int, int, int]]:
     """(start, stop, first character, end character) of runs of texts with about `chunk_chars`
     characters together (one text at least), so that no step holds all n-grams at once."""
     ends = np.cumsum(lengths)
