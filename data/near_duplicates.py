@@ -17,7 +17,13 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core's data.py, tfidf_pairs.py beside this file
 from data import cli_main, load_data, split_data, write_json  # noqa: E402
-from tfidf_pairs import preprocess_text, similar_pairs, tfidf_matrix  # noqa: E402
+try:  # numpy is this tool's own dependency: the rest of the project runs without it
+    from tfidf_pairs import preprocess_text, similar_pairs, tfidf_matrix  # noqa: E402
+except ModuleNotFoundError as e:
+    if e.name != "numpy":
+        raise
+    preprocess_text = similar_pairs = tfidf_matrix = None
+NEEDS_NUMPY = "data/near_duplicates.py needs numpy: pip install numpy"
 
 FIELDS = ("instruction", "input", "output")
 REMOVED_BY = ("input", "output")  # the book removes for these fields' pairs, not instruction's
@@ -61,27 +67,29 @@ class Progress:
 
 
 def field_pairs(entries: list[dict], field: str, threshold: float = 0.9,
-                progress: Progress | None = None, search: Callable = similar_pairs) -> list[Pair]:
+                progress: Progress | None = None, search: Callable | None = None) -> list[Pair]:
     """Near-duplicate pairs of one field, with the book's rules: entries whose field is empty
     (or missing) take no part, not even in the idf (the book fits TF-IDF on the non-empty texts
     only); a pair counts if its similarity is above `threshold`, unless either text is one
     character or less before preprocessing. i, j index `entries` (the book indexes the entries
     with positions in its filtered list instead, which names the wrong entries once one is
     empty; this follows what it means). `search`: brute_force_pairs checks similar_pairs."""
+    if tfidf_matrix is None:
+        raise OSError(NEEDS_NUMPY)
     where = [k for k, entry in enumerate(entries) if entry.get(field, "")]
     texts = [entries[k][field] for k in where]
     if not texts:
         return []
     stage = progress.stage if progress else lambda name: None
     matrix = tfidf_matrix([preprocess_text(t) for t in texts], stage("TF-IDF, texts"))
-    i, j, sims = search(matrix, threshold, progress=stage("pairs, rows"))
+    i, j, sims = (search or similar_pairs)(matrix, threshold, progress=stage("pairs, rows"))
     return [Pair(field, where[a], where[b], round(float(s), 12))
             for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist())
             if len(texts[a]) > 1 and len(texts[b]) > 1]
 
 
 def find_near_duplicates(entries: list[dict], threshold: float = 0.9, fields=FIELDS,
-                         quiet: bool = True, search: Callable = similar_pairs) -> list[Pair]:
+                         quiet: bool = True, search: Callable | None = None) -> list[Pair]:
     """Every field's near-duplicate pairs, field by field in `fields` order, then by i and j."""
     return [pair for field in fields
             for pair in field_pairs(entries, field, threshold, Progress(field, quiet), search)]
@@ -221,6 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if tfidf_matrix is None:  # said before any work
+        raise OSError(NEEDS_NUMPY)
     entries = load_data(args.file)
     parts = part_names(len(entries)) if args.split else None
     if args.remove and (args.remove.is_dir() or not args.remove.parent.is_dir()):

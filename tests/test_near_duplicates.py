@@ -326,3 +326,11 @@ def test_the_benchmarks_generator_is_seeded_and_its_check_passes():
     assert entries == bench.make_entries(400, seed=3) != bench.make_entries(400, seed=4)
     assert sum(bool(e["input"]) for e in entries) in range(100, 220)  # about 40 % have an input
     assert "the same as brute force" in bench.check_subsample(entries, 300, seed=0)
+
+
+def test_the_embedded_data_has_no_test_or_validation_entry_copying_a_training_entry():
+    """train.py skips the leak check for its own data set: this test makes that safe."""
+    from data import load_data, split_data
+    train, val, test = split_data(load_data(REPO / "data" / "instruction-data.json"))
+    assert nd.find_leaks(train, test) == [] and nd.find_leaks(train, val) == []
+

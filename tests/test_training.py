@@ -115,3 +115,16 @@ def test_from_scratch_never_reads_the_pretrained_file(monkeypatch, tmp_path):
                                  log=lambda *a: None)
     torch.manual_seed(123)  # the run's seed: the same random start as GPTModel on its own
     torch.testing.assert_close(model.state_dict(), GPTModel(model_config("tiny")).state_dict())
+
+
+def test_test_entries_that_copy_a_training_entry_are_warned_of_in_one_line(tmp_path):
+    from data import load_data, split_data
+    entries = load_data(ROOT / "data" / "instruction-data.json")[:100]  # 85 / 5 / 10
+    said = []
+    recipe.warn_of_leaks("d.json", split_data(entries), said.append)
+    assert said == []
+    entries[86] = dict(entries[3])  # the second test entry: a copy of a training entry
+    recipe.warn_of_leaks("d.json", split_data(entries), said.append)
+    assert said == ["warning: 1 of 10 test entries near-copy a training entry (scores on them "
+                    "flatter the model); to see them: python data/near_duplicates.py d.json "
+                    "--split"]
