@@ -1,11 +1,13 @@
 """Step 1 of the pipeline: text in, token ids out. The offline GPT-2 tokenizer (`get_tokenizer`),
 the prompt styles (`format_input`), checked data loading and splitting (`load_data`, `split_data`),
 `InstructionDataset`, and what every script shares: files written whole (`atomic_write_bytes`,
-`write_json`) and one-line errors (`cli_main`). Batching lives in collate.py, downloads in
-training/files.py.
+`write_json`) and command lines that refuse bad input in one line (`ArgumentParser`, the flag
+types, `cli_main`). Batching lives in collate.py, downloads in training/files.py.
 """
+import argparse
 import hashlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -208,9 +210,8 @@ def parse_json(text: str):
 def parse_entries(raw: bytes, require_output: bool = True, fields: dict | None = None,
                   log=lambda message: print(message, file=sys.stderr), check=None) -> list[dict]:
     """The usable entries in a file's bytes (JSON list or JSON Lines; `fields`: ours -> theirs;
-    `check(entry)`: what else an entry needs, its problem or None). Entries that cannot be used
-    are skipped and counted in one `log` line; a ValueError names the first problem when none
-    is usable."""
+    `check(entry)`: what else an entry needs, its problem or None). The others are skipped and
+    counted in one `log` line; none usable: a ValueError naming the first problem."""
     records = read_records(raw)
     if not records:
         raise ValueError("the list of entries is empty")
@@ -280,9 +281,8 @@ def load_data(path, require_output: bool = True, fields: dict | None = None,
               log=lambda message: print(message, file=sys.stderr), check=None) -> list[dict]:
     """Instruction entries from a JSON file (the book's format: a list of objects with string
     `instruction`, `output` and optional `input`) or JSON Lines, in a recognised layout (Alpaca,
-    Dolly, chat) or renamed by `fields`. Unusable entries are skipped with one `log` line; a
-    ValueError names the file and the first problem when nothing is usable. training/files.py's
-    `fetch_data` turns a URL into such a file."""
+    Dolly, chat) or renamed by `fields`, as parse_entries reads them, the file named in errors.
+    training/files.py's `fetch_data` turns a URL into such a file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -327,7 +327,9 @@ class InstructionDataset:
             prompt = format_input(entry, style) + response_header(style)
             ids, prompt_ids = tokenizer.encode(prompt + entry["output"]), tokenizer.encode(prompt)
             self.encoded_texts.append(ids)
-            self.prompt_lengths.append(common_prefix_length(ids, prompt_ids))
+            # the tokens both share: almost always the prompt's; fewer when BPE merges the
+            # header's last "\n" with the response's first characters (that token is response)
+            self.prompt_lengths.append(len(os.path.commonprefix([ids, prompt_ids])))
         self.lengths = [len(ids) for ids in self.encoded_texts]
 
     def __getitem__(self, index: int) -> list[int]:
@@ -340,20 +342,65 @@ class InstructionDataset:
         return len(self.data)
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """How many leading tokens agree. Almost always len(b); less when BPE merges the header's last
-    "\n" with the response's first characters, and that token then counts as response."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+# ---- command lines: bad input is refused as the flags are read, in one line, exit 2 -----------
+class ArgumentParser(argparse.ArgumentParser):
+    """Every script's parser: the first paragraph of `doc` as the description, each option's
+    default at the end of its help, and an error as one line "error: ...", exit 2."""
+
+    def __init__(self, doc: str = "", **kwargs):
+        super().__init__(description=" ".join(doc.split("\n\n")[0].split()), **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        d = action.default
+        if not (d is None or d is False or d == argparse.SUPPRESS or "%(" in (action.help or "")):
+            shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+            action.help = f"{action.help or ''} (default: {shown.replace('%', '%%')})"
+        return action
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, no usage
+        sys.exit(2)
 
 
-# ---- command lines -----------------------------------------------------------------------------
+def number(kind: type, low: float, high: float = math.inf, above: bool = False) -> Callable:
+    """An argparse type: a `kind` (int, float) from `low` (above it if `above`) to `high`; all
+    else, NaN and infinity too, is refused as the flags are read. `bounds` serve the tests."""
+    rule = (f"{'a whole number' if kind is int else 'a finite number'} {'>' if above else '>='} "
+            f"{low}{f' and <= {high}' if high < math.inf else ''}")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (low < value if above else low <= value)
+                and value <= high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+    parse.__name__, parse.bounds = rule, (kind, low, high, above)
+    return parse
+
+
+positive_int, non_negative_int = number(int, 1), number(int, 0)
+positive_float, non_negative_float = number(float, 0, above=True), number(float, 0)
+probability = number(float, 0, 1, above=True)  # top-p: 0 < p <= 1
+
+
+def input_file(text: str) -> str:
+    """An argparse type: a file to read; a missing, folder or empty one is refused at once."""
+    path = Path(text)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise argparse.ArgumentTypeError(f"{text}: " + (
+            "no such file" if not path.exists() else "is a folder, not a file" if path.is_dir()
+            else "is empty (0 bytes)"))
+    return text
+
+
 def cli_main(main: Callable[[], None], debug: bool = False) -> None:
     """Run a script's main(). Expected failures (ValueError, OSError: bad data, missing or
-    unwritable files, network) print one line "error: ..." on stderr and exit 2; Ctrl-C exits 130;
-    anything else is a bug: traceback and exit 1. `debug` adds the traceback to expected ones."""
+    unwritable files, network) exit 2 with one line "error: ..." on stderr, as bad flags do;
+    Ctrl-C exits 130; anything else is a bug: traceback and exit 1. `debug`: tracebacks too."""
     try:
         main()
     except (ValueError, OSError) as e:

@@ -7,6 +7,7 @@ weights: Hugging Face `model.safetensors` (`load_gpt2`) and this project's own f
 (`save_model`, `load_model`, `load_weights`). Cached generation's KV cache and pad masks are in
 generate.py; the book's .pth files in extras/book_format.py. Imports no other project file.
 """
+import argparse
 import json
 import math
 import os
@@ -146,6 +147,19 @@ def pick_device(name: str = "auto") -> str:
     if not usable.get(name.split(":")[0]):
         raise ValueError(f"--device {name}: not usable here (usable: "
                          f"{', '.join(d for d in usable if usable[d])})")
+    return name
+
+
+DEVICE_HELP = "where to run: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
+
+def usable_device(name: str) -> str:
+    """The argparse type of --device: `name`, if pick_device can use it; else refused as the
+    flags are read, with the devices that are usable here."""
+    try:
+        pick_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
     return name
 
 
@@ -303,16 +317,21 @@ def save_model(model: GPTModel, cfg: dict, path) -> None:
 
 
 def read_checkpoint(path) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty (0 bytes), not a model")
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects.
+    Any other file (empty, text, safetensors, truncated, foreign) is a one-line ValueError."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save's zip archive, or its older pickle
+        raise ValueError(f"{path}: not a PyTorch checkpoint: " + (
+            "the file is empty (0 bytes)" if not head else "a safetensors file" if
+            head[8:10] == b'{"' else "a text file" if head.isascii() else "unknown bytes"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise
     except Exception as e:  # pickle errors come in many classes; all mean "not our file"
-        raise ValueError(f"{path}: not a PyTorch checkpoint this project can load safely "
-                         f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        first = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a PyTorch checkpoint this project can load safely: "
+                         + ("it holds objects other than tensors" if "Weights only" in first
+                            else f"truncated or damaged ({first})")) from None
 
 
 def load_model(path, device="cpu") -> tuple[GPTModel, dict]:

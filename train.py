@@ -291,7 +291,7 @@ def main(argv=None) -> None:
     try:
         reason, best = train_model(
             run.model, run.train_loader, run.val_loader, run.optimizer, run.device, args.epochs,
-            args.eval_every, args.eval_batches, state=state, step=step, loss_fn=loss_fn,
+            args.eval_every, args.eval_batches or None, state=state, step=step, loss_fn=loss_fn,
             patience=args.patience, max_steps=args.max_steps, best=best,
             lr_schedule=lambda s, total: lr_at(s, args.lr, total, args.lr_schedule,
                                                args.warmup_steps),

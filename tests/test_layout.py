@@ -73,4 +73,6 @@ def test_a_run_reads_six_files_and_its_loop_four(tmp_path):
             ["--model", "tiny", "--max-steps", "2", "--no-generate", "--out-dir", str(tmp_path)]))
     assert len(result["files"]) <= 6, result["files"]
     assert len(result["loop_files"]) <= 4, result["loop_files"]
-    assert result["lines"] < 1000, result["lines"]  # 951 when this test was written
+    # 951 when this test was written; 1,065 once every flag is checked as it is read (data.py's
+    # ArgumentParser and flag types, --device's check, the presets' defaults in train.py's help)
+    assert result["lines"] < 1100, result["lines"]

@@ -312,7 +312,7 @@ def test_log_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--max-length", "300"], "larger than tiny's context length 256"),
+    (["--max-length", "300"], "more than tiny's context length 256"),
     (["--lr", "1e30", "--eval-every", "100"], "loss became"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, extra, message):

@@ -54,6 +54,6 @@ def parse_every(text: str) -> tuple[float, str]:
         value = float(text[:-1]) if minutes else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not N (steps) or Nm (minutes)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    if not 0 <= value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or Nm with N >= 0")
     return value, "minutes" if minutes else "steps"

@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps, 0: no limit")
     p.add_argument("--batch-size", type=positive_int,
                    help=f"entries per step ({preset_default('batch_size')})")
-    p.add_argument("--lr", type=positive_float,
-                   help=f"AdamW learning rate ({preset_default('lr')})")
+    p.add_argument("--lr", type=non_negative_float,
+                   help=f"AdamW learning rate, 0: the weights stay as they are "
+                        f"({preset_default('lr')})")
     p.add_argument("--weight-decay", type=non_negative_float,
                    help=f"AdamW weight decay ({preset_default('weight_decay')})")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"),
