@@ -19,7 +19,8 @@ import urllib.error
 import urllib.request
 from typing import Callable
 
-from data import atomic_write_bytes, cli_main, format_input, load_data, write_json
+from data import (ArgumentParser, atomic_write_bytes, cli_main, format_input, input_file, load_data,
+                  non_negative_int, positive_float, write_json)
 
 METRICS = ("exact_match", "answer_contained", "token_f1", "rouge_l", "judge_score")
 
@@ -286,22 +287,49 @@ def load_responses(path: str) -> list[dict]:
     return entries
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("responses", help="OUT/instruction-data-with-response.json (benchmarks: see "
-                                     f"`evaluate.py <benchmark> -h`; {', '.join(BENCHMARKS)})")
-    p.add_argument("--report", help="also write the report, with the worst entries, as Markdown")
-    p.add_argument("--worst", type=int, default=10, help="worst entries in --report (10)")
-    p.add_argument("--judge", choices=("ollama", "openai"), help="score with an LLM judge")
+def add_judge_args(p: argparse.ArgumentParser) -> None:
+    """The judge's flags, here and in the comparisons that use one (pairwise, arena)."""
+    p.add_argument("--judge", choices=("ollama", "openai"), help="score with this LLM judge")
     p.add_argument("--judge-url", help="ollama: default http://localhost:11434; openai: base URL "
                                        "with or without /v1, default https://api.openai.com/v1")
-    p.add_argument("--judge-model", default="llama3", help="judge model name (llama3)")
-    p.add_argument("--judge-timeout", type=float, default=120.0,
-                   help="seconds to wait for the judge's next bytes (120)")
+    p.add_argument("--judge-model", default="llama3", help="judge model name")
+    p.add_argument("--judge-timeout", type=positive_float, default=120.0,
+                   help="seconds to wait for the judge's next bytes")
+
+
+def responses_file(text: str) -> str:
+    """The responses file's type: a file to read; a word that is neither a file nor a benchmark
+    is most likely a benchmark's name misspelt, or a benchmark's option put before its name."""
+    try:
+        return input_file(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}, nor a benchmark ({', '.join(BENCHMARKS)}); a "
+                                         f"benchmark's options go after its name") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        "Score the responses train.py or generate.py wrote (the model_response fields): exact "
+        "match, answer contained, token F1, ROUGE-L and, with --judge, an LLM judge's 0-100.",
+        prog="evaluate.py", usage="%(prog)s [options] RESPONSES\n"
+        "       %(prog)s BENCHMARK [options] ...   (%(prog)s BENCHMARK -h: its options)",
+        epilog=f"BENCHMARK: {', '.join(BENCHMARKS)} (docs/evaluation.md). Options given before "
+               f"a benchmark's name (--quiet, --debug) apply to it.")
+    p.add_argument("responses", type=responses_file, metavar="RESPONSES",
+                   help="OUT/instruction-data-with-response.json")
+    p.add_argument("--report", help="also write the report, with the worst entries, as Markdown")
+    p.add_argument("--worst", type=non_negative_int, default=10,
+                   help="worst entries in --report, 0: none")
+    add_judge_args(p)
     p.add_argument("--write-scores", action="store_true",
                    help="store the judge's scores in the responses file as judge_score")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.write_scores and not args.judge:
         p.error("--write-scores needs --judge")
@@ -317,10 +345,19 @@ BENCHMARKS = {name: f"evals.{module}" for name, module in (
     ("arena", "arena"), ("ratings", "ratings"), ("report", "report"))}
 
 
+def split_benchmark(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the benchmark asked for or None, its arguments); options before its name (--quiet,
+    --debug) move after it, where its own parser reads them."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return (arg, argv[i + 1:] + argv[:i]) if arg in BENCHMARKS else (None, argv)
+    return None, argv
+
+
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in BENCHMARKS:
-        return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+    benchmark, argv = split_benchmark(sys.argv[1:] if argv is None else argv)
+    if benchmark:
+        return importlib.import_module(BENCHMARKS[benchmark]).main(argv)
     args = parse_args(argv)
     entries = load_responses(args.responses)
     if args.judge:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from data import PROMPT_STYLES, cli_main, format_input, get_tokenizer, load_data, response_header, \
-    write_json
-from gpt import GPTModel, pick_device
+from data import (PROMPT_STYLES, ArgumentParser, cli_main, format_input, get_tokenizer, input_file,
+                  load_data, non_negative_float, non_negative_int, positive_int, probability,
+                  response_header, write_json)
+from gpt import DEVICE_HELP, GPTModel, pick_device, usable_device
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -339,37 +340,42 @@ def interactive(answer_one) -> None:
             print(answer_one(line.strip()), flush=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Answer instructions with a fine-tuned GPT-2 model: "
-                                "one --prompt, a JSON --input-file, or lines typed on stdin.")
-    p.add_argument("--model-path", required=True, help="model.pt written by train.py")
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser("Answer instructions with a fine-tuned GPT-2 model: one --prompt, a JSON "
+                       "--input-file, or lines typed on stdin.", prog="generate.py")
+    p.add_argument("--model-path", type=input_file, required=True,
+                   help="model.pt written by train.py (or the book's .pth)")
     p.add_argument("--prompt", help="one instruction; prints the response")
-    p.add_argument("--input", default="", help="the entry's optional input text, with --prompt")
-    p.add_argument("--input-file", help="JSON list of entries to answer (needs --output)")
+    p.add_argument("--input", help="the entry's optional input text, with --prompt")
+    p.add_argument("--input-file", type=input_file,
+                   help="JSON list of entries to answer (needs --output)")
     p.add_argument("--output", help="where to write the entries with `model_response` added")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES,
                    help="default: the style the model was trained with (else alpaca)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--batch-size", type=int,
-                   help="prompts decoded together (16 on CPU; on a GPU up to 128, as memory allows)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
+                   help="longest response in tokens (it may stop earlier, at <|endoftext|>)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0: greedy (the likeliest token each time); above 0: sampled")
+    p.add_argument("--top-k", type=positive_int, help="sample from the K likeliest tokens only")
+    p.add_argument("--top-p", type=probability, help="sample from the likeliest tokens whose "
+                                                     "probabilities add up to P only")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="seed of the sampling")
+    p.add_argument("--device", type=usable_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=positive_int, help="prompts decoded together (default: "
+                   "16 on CPU; on a GPU up to 128, as memory allows)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p.parse_args(argv)
+    return p
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.prompt is not None and args.input_file:
-        raise ValueError("give either --prompt or --input-file, not both")
+        p.error("give either --prompt or --input-file, not both")
     if bool(args.input_file) != bool(args.output):
-        raise ValueError("--input-file and --output go together")
-    if args.input and args.prompt is None:
-        raise ValueError("--input needs --prompt")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        p.error("--input-file and --output go together")
+    if args.input is not None and args.prompt is None:
+        p.error("--input needs --prompt")
     if args.output:
         check_writable(args.output)
     entries = load_data(args.input_file, require_output=False) if args.input_file else None
@@ -391,7 +397,7 @@ def main() -> None:
         return tokenizer.decode(answer(encode_prompts([entry], tokenizer, style))[0]).strip()
 
     if args.prompt is not None:
-        print(answer_one(args.prompt, args.input))
+        print(answer_one(args.prompt, args.input or ""))
     elif args.input_file:
         answer_file(answer, entries, tokenizer, style, args.output)
     else:

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
-from data import PROMPT_STYLES, atomic_write_bytes, load_data
+from data import (PROMPT_STYLES, ArgumentParser, atomic_write_bytes, input_file, load_data,
+                  non_negative_float, non_negative_int, positive_int)
 from evals.common import load_scoring_model
-from evals.pairwise import add_judge_args, connect_judge, judge_pair
-from evaluate import JudgeError
-from generate import generate_responses
+from evals.pairwise import connect_judge, judge_pair
+from evaluate import JudgeError, add_judge_args
+from gpt import DEVICE_HELP, usable_device
+from generate import check_writable, generate_responses
 
 VOTES = {"a": "model_a", "b": "model_b", "t": "tie", "x": "tie (bothbad)"}
 PREFERENCE_TO_WINNER = {1.0: "model_a", 2.0: "model_b", 1.5: "tie"}  # answer A is output_1
@@ -148,39 +150,49 @@ def run_arena(models: list, names: list[str], tokenizer, args, ask=None) -> tupl
     return recorded, skipped
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py arena",
-                                description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("models", nargs="+", help="two or more model files written by train.py")
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="evaluate.py arena")
+    p.add_argument("models", nargs="+", type=input_file,
+                   help="two or more model files written by train.py")
     p.add_argument("--names", nargs="+", help="a name per model for the battle log "
                                               "(default: the paths)")
     p.add_argument("--battles", default="battles.jsonl",
-                   help="JSON-lines file the votes are added to (battles.jsonl)")
-    p.add_argument("--prompts", help="prompts to use instead of typing them: a JSON list of "
-                                     "instruction entries, or a text file with one a line")
-    p.add_argument("--rounds", type=int, help="battles to run with --prompts, cycling through "
-                                              "them (default: each prompt once)")
+                   help="JSON-lines file the votes are added to")
+    p.add_argument("--prompts", type=input_file,
+                   help="prompts to use instead of typing them: a JSON list of instruction "
+                        "entries, or a text file with one a line")
+    p.add_argument("--rounds", type=positive_int, help="battles to run with --prompts, cycling "
+                                                       "through them (default: each prompt once)")
     add_judge_args(p)
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="alpaca",
-                   help="the prompt format the models were trained with (alpaca)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (0)")
-    p.add_argument("--seed", type=int, default=123, help="seed of the pairings and sampling")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+                   help="the prompt format the models were trained with")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="answer length limit, in tokens")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0: greedy answers; above 0: sampled")
+    p.add_argument("--seed", type=non_negative_int, default=123,
+                   help="seed of the pairings and sampling")
+    p.add_argument("--device", type=usable_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if len(args.models) < 2:
         p.error("the arena needs at least two models")
     if args.judge and not args.prompts:
         p.error("--judge needs --prompts: the judge does not type prompts")
-    if args.rounds is not None and (args.rounds < 1 or not args.prompts):
-        p.error("--rounds needs --prompts and must be >= 1")
+    if args.rounds is not None and not args.prompts:
+        p.error("--rounds needs --prompts")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_writable(args.battles, "--battles")  # fail now, not at the first vote
     names = model_names(args.models, args.names)
     ask = connect_judge(args) if args.judge else None  # a judge that is down fails here, early
     loaded = [load_scoring_model(path, args.device) for path in args.models]

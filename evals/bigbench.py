@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from data import input_file, non_negative_int
 from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
                           check_string_list, continuation_logprobs, field, generate_texts,
                           load_scoring_model, markdown_table, mean_percent, read_json_file,
@@ -187,26 +188,28 @@ def predict(args, task: dict, n: int) -> list[str]:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def parse_args(argv) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = benchmark_parser("bigbench", __doc__)
-    p.add_argument("file", help="a BIG-bench task.json or a BIG-Bench Hard <task>.json")
+    p.add_argument("file", type=input_file,
+                   help="a BIG-bench task.json or a BIG-Bench Hard <task>.json")
     p.add_argument("--metric", default="auto",
                    choices=("auto", "multiple_choice_grade", "exact_str_match"),
                    help="auto: multiple_choice_grade if every example has target_scores")
-    p.add_argument("--shots", type=int, default=0, help="solved examples shown first (0)")
+    p.add_argument("--shots", type=non_negative_int, default=0, help="solved examples shown first")
     p.add_argument("--cot", action="store_true",
                    help='chain of thought: the answer prefix ends in "Let\'s think step by step.", '
                         'and the answer is the text after "the answer is"')
-    p.add_argument("--prompt-file", help="text put before every prompt, e.g. a BIG-Bench Hard "
-                                         "cot-prompts/<task>.txt (its header is dropped)")
+    p.add_argument("--prompt-file", type=input_file,
+                   help="text put before every prompt, e.g. a BIG-Bench Hard "
+                        "cot-prompts/<task>.txt (its header is dropped)")
     add_common_args(p)
     add_answer_args(p, "a JSON list of completions or chosen options, in file order",
                     style="raw", max_new_tokens=32)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_run(args)
     task = read_task(args.file, args.metric)
     check_shots(task, args.shots)

@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from evals.common import (add_common_args, check_limit, continuation_logprobs, load_scoring_model,
-                          markdown_table, write_results)
+from data import non_negative_int
+from evals.common import (add_common_args, benchmark_parser, check_outputs, continuation_logprobs,
+                          input_folder, load_scoring_model, markdown_table, write_results)
 from evals.metrics import accuracy, f1_score, macro_f1, matthews_corrcoef, pearson, spearman
-from generate import check_writable
 
 
 @dataclass
@@ -81,7 +81,9 @@ def option_scores(model, tokenizer, items: list[Item], prefix: str = "", batch_s
     """Summed log-likelihood of each item's options after prefix + context.
 
     Single-token options all come from one forward pass per item; longer ones are scored pair by
-    pair. length_norm divides by the option's length in characters (the harness's acc_norm).
+    pair. length_norm divides by the option's length in characters without the space that
+    separates it from the context, as lm-evaluation-harness's acc_norm does (len("no"), not
+    len(" no")).
     """
     contexts = [tokenizer.encode(prefix + it.context) for it in items]
     options = [[tokenizer.encode(o) for o in it.options] for it in items]
@@ -96,7 +98,7 @@ def option_scores(model, tokenizer, items: list[Item], prefix: str = "", batch_s
             scores.append(flat[at:at + len(opts)])
             at += len(opts)
     if length_norm:
-        scores = [[s / max(len(o), 1) for s, o in zip(row, it.options)]
+        scores = [[s / max(len(o.removeprefix(" ")), 1) for s, o in zip(row, it.options)]
                   for row, it in zip(scores, items)]
     return scores
 
@@ -198,37 +200,38 @@ def pick_tasks(tasks: dict[str, Task], names: str, root: Path) -> list[Task]:
     return [tasks[n] for n in names.split(",")]
 
 
-def parse_args(benchmark: str, tasks: dict[str, Task], argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"evaluate.py {benchmark.lower()}",
-                                description=f"{benchmark} by log-likelihood of label words.")
+def build_parser(benchmark: str, tasks: dict[str, Task], doc: str) -> argparse.ArgumentParser:
+    """The parser of `evaluate.py glue` or `superglue`, described by `doc`, its file's docstring."""
+    p = benchmark_parser(benchmark.lower(), doc)
     p.add_argument("task", help=f"{', '.join(tasks)}; several joined by commas, or all")
-    p.add_argument("dir", help="the task's folder as downloaded (SST-2/, BoolQ/), or the folder "
-                               "holding the task folders")
-    p.add_argument("--split", default="dev", choices=("dev", "train"), help="examples scored (dev)")
-    p.add_argument("--shots", type=int, default=0, help="solved examples from the train file "
-                                                        "put before each prompt (0)")
-    p.add_argument("--seed", type=int, default=0, help="which train examples are the shots (0)")
+    folders = "/, ".join(dict.fromkeys(t.folder for t in tasks.values()))
+    p.add_argument("dir", type=input_folder, help=f"the task's folder as downloaded ({folders}/), "
+                                                  f"or the folder holding the task folders")
+    p.add_argument("--split", default="dev", choices=("dev", "train"), help="examples scored")
+    p.add_argument("--shots", type=non_negative_int, default=0,
+                   help="solved examples from the train file put before each prompt")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="which train examples are the shots")
     p.add_argument("--length-norm", action="store_true",
-                   help="divide each option's log-likelihood by its length in characters")
+                   help="divide each option's log-likelihood by its length in characters, the "
+                        "space before it not counted (lm-evaluation-harness's acc_norm)")
     add_common_args(p, model_required=True)
+    return p
+
+
+def parse_args(benchmark: str, tasks: dict[str, Task], doc: str, argv) -> argparse.Namespace:
+    p = build_parser(benchmark, tasks, doc)
     args = p.parse_args(argv)
-    if args.shots < 0:
-        p.error(f"--shots must be >= 0, got {args.shots}")
     if args.shots and args.split == "train":
         p.error("--shots with --split train would show the model answers it is scored on")
     return args
 
 
-def main(benchmark: str, tasks: dict[str, Task], argv) -> None:
+def main(benchmark: str, tasks: dict[str, Task], doc: str, argv) -> None:
     """Run the tasks asked for and report each task's metrics and their average."""
-    args = parse_args(benchmark, tasks, argv)
-    check_limit(args.limit)
-    for path in (args.output, args.json, args.report):
-        if path:
-            check_writable(path)  # fail now, not after the scoring
+    args = parse_args(benchmark, tasks, doc, argv)
+    check_outputs(args)  # fail now, not after the scoring
     root = Path(args.dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory")
     chosen = pick_tasks(tasks, args.task, root)
     loaded = [load_task(task, root, args) for task in chosen]
     model, _, tokenizer = load_scoring_model(args.model_path, args.device)

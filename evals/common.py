@@ -12,48 +12,51 @@ from pathlib import Path
 
 import torch
 
-from data import (PROMPT_STYLES, atomic_write_bytes, format_input, get_tokenizer, response_header,
-                  write_json)
+from data import (PROMPT_STYLES, ArgumentParser, atomic_write_bytes, format_input, get_tokenizer,
+                  input_file, positive_int, response_header, write_json)
 from generate import check_writable, generate_batched
 from extras.book_format import load_any_model as load_model
-from gpt import pick_device
+from gpt import DEVICE_HELP, pick_device, usable_device
 
 
 # ---- command line ----------------------------------------------------------------------------
 def benchmark_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The parser of `evaluate.py <name>`, described by the first paragraph of `doc`."""
-    return argparse.ArgumentParser(prog=f"evaluate.py {name}",
-                                   description=" ".join(doc.split("\n\n")[0].split()))
+    return ArgumentParser(doc, prog=f"evaluate.py {name}")
+
+
+def input_folder(text: str) -> str:
+    """An argparse type: a folder to read (MMLU's, GLUE's, evidence); refused at once if not."""
+    if not Path(text).is_dir():
+        problem = "not a folder" if Path(text).exists() else "no such folder"
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return text
 
 
 def add_common_args(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     """Flags every benchmark takes: the model, how much to run, and where results go."""
-    p.add_argument("--model-path", required=model_required, help="model written by train.py")
-    p.add_argument("--limit", type=int, help="only the first N examples (a quick look)")
+    p.add_argument("--model-path", type=input_file, required=model_required,
+                   help="model written by train.py (or the book's .pth)")
+    p.add_argument("--limit", type=positive_int, help="only the first N examples (a quick look)")
     p.add_argument("--output", help="write the model's predictions here (JSON)")
     p.add_argument("--json", help="write the scores here (JSON)")
     p.add_argument("--report", help="append a Markdown section with the scores to this file")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (16)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
+    p.add_argument("--device", type=usable_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-
-
-def check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
 
 
 def add_answer_args(p: argparse.ArgumentParser, predictions: str, style: str = "alpaca",
                     max_new_tokens: int = 32) -> None:
     """Flags of the benchmarks that score answers: a predictions file instead of a model, the
     prompt style, and how long an answer may be."""
-    p.add_argument("--predictions", help=f"score this predictions file ({predictions}) "
-                                         "instead of running a model")
+    p.add_argument("--predictions", type=input_file,
+                   help=f"score this predictions file ({predictions}) instead of running a model")
     p.add_argument("--style", default=style, choices=(*PROMPT_STYLES, "raw"),
-                   help=f"prompt format: the fine-tuning's alpaca or phi3, or raw text ({style})")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"longest answer generated, in tokens ({max_new_tokens})")
+                   help="prompt format: the fine-tuning's alpaca or phi3, or raw text")
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
+                   help="longest answer generated, in tokens")
 
 
 def check_run(args) -> None:
@@ -61,10 +64,14 @@ def check_run(args) -> None:
     if bool(args.model_path) == bool(getattr(args, "predictions", None)):
         raise ValueError("give either --model-path (run the model) or --predictions (score a "
                          "predictions file), not both or neither")
-    check_limit(args.limit)
+    check_outputs(args)
+
+
+def check_outputs(args) -> None:
+    """Fail before any work, not after it, when an output could not be written."""
     for flag in ("output", "json", "report"):
         if getattr(args, flag, None):
-            check_writable(getattr(args, flag))
+            check_writable(getattr(args, flag), f"--{flag}")
 
 
 def field(obj, key: str, kind, where: str):

@@ -104,8 +104,12 @@ TASKS = {t.name: t for t in (
 )}
 
 
+def build_parser():
+    return classify.build_parser("GLUE", TASKS, __doc__)
+
+
 def main(argv=None) -> None:
-    classify.main("GLUE", TASKS, sys.argv[1:] if argv is None else argv)
+    classify.main("GLUE", TASKS, __doc__, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

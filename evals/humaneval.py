@@ -10,10 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from data import atomic_write_bytes, cli_main, write_json
-from evals.common import add_common_args, check_limit, markdown_table, write_results
+from data import (atomic_write_bytes, cli_main, input_file, non_negative_float, non_negative_int,
+                  positive_float, positive_int, probability, write_json)
+from evals.common import (add_common_args, benchmark_parser, check_outputs, markdown_table,
+                          write_results)
 from evals.sandbox import Limits, isolation_warning, run_programs
-from generate import check_writable
 
 # Codex's stop sequences: the function body ends where top-level code starts again
 STOPS = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
@@ -132,31 +133,46 @@ def generate_samples(model, tokenizer, problems: dict, n: int, args) -> list[dic
 
 
 # ---- command line ----------------------------------------------------------------------------
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py humaneval", description=__doc__.splitlines()[0])
-    p.add_argument("problems", help="HumanEval.jsonl.gz (task_id, prompt, test, entry_point)")
-    p.add_argument("--samples", help="score this JSONL of {task_id, completion} instead of a model")
-    p.add_argument("--samples-per-task", type=int, default=1, help="completions per problem (1)")
-    p.add_argument("--temperature", type=float, default=0.0,
+def k_values(text: str) -> list[int]:
+    """--k's type: "1,10,100" -> [1, 10, 100]."""
+    try:
+        return sorted({positive_int(k) for k in text.split(",")})
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers >= 1 joined by commas, got "
+                                         f"{text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = benchmark_parser("humaneval", __doc__)
+    p.add_argument("problems", type=input_file,
+                   help="HumanEval.jsonl.gz (task_id, prompt, test, entry_point)")
+    p.add_argument("--samples", type=input_file,
+                   help="score this JSONL of {task_id, completion} instead of a model")
+    p.add_argument("--samples-per-task", type=positive_int, default=1,
+                   help="completions per problem")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
                    help="0: greedy (one distinct sample); 0.2 for pass@1, 0.8 for pass@100")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="completion length cap (256)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument("--k", default="1,10,100", help="pass@k for these k that are <= the samples "
-                                                   "per task (1,10,100)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (3)")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address space per program (1024)")
-    p.add_argument("--workers", type=int, default=4, help="programs run at once (4)")
+    p.add_argument("--top-p", type=probability, default=0.95,
+                   help="when sampling, draw from the likeliest tokens whose probabilities add "
+                        "up to P only")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
+                   help="completion length cap, in tokens")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
+    p.add_argument("--k", type=k_values, default="1,10,100",
+                   help="pass@k for these k that are <= the samples per task")
+    p.add_argument("--timeout", type=positive_float, default=3.0, help="seconds per program")
+    p.add_argument("--memory-mb", type=positive_int, default=1024,
+                   help="address space per program, in MiB")
+    p.add_argument("--workers", type=positive_int, default=4, help="programs run at once")
     add_common_args(p)
+    return p
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.samples and not args.model_path:
         p.error("give --model-path to generate completions, or --samples FILE.jsonl")
-    try:
-        args.k = sorted({int(k) for k in args.k.split(",")})
-    except ValueError:
-        p.error(f"--k takes comma-separated integers, got {args.k!r}")
-    if args.samples_per_task < 1 or args.timeout <= 0 or min(args.k) < 1:
-        p.error("--samples-per-task and --k must be >= 1 and --timeout > 0")
     if args.samples_per_task > 1 and args.temperature == 0 and not args.samples:
         print("warning: --temperature 0 is greedy: every sample of a task is the same",
               file=sys.stderr)
@@ -165,10 +181,7 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    check_limit(args.limit)
-    for path in (args.output, args.json, args.report):
-        if path:
-            check_writable(path)  # fail now, not after the generation
+    check_outputs(args)  # fail now, not after the generation
     problems = read_problems(args.problems)
     if args.samples:
         samples = read_samples(args.samples, problems)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from data import input_file, non_negative_int
 from evals.common import (add_common_args, benchmark_parser, check_run, check_string_list,
-                          load_scoring_model, read_json_file, write_results)
+                          input_folder, load_scoring_model, read_json_file, write_results)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -126,14 +127,17 @@ def mmlu_scores(results: dict[str, tuple[int, int]]) -> dict:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def parse_args(argv) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = benchmark_parser("mmlu", __doc__)
-    p.add_argument("dir", help="MMLU folder: DIR/test/*_test.csv, optional DIR/dev/*_dev.csv")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples from the dev file (5)")
-    p.add_argument("--predictions", help="score this {subject: [letter per question]} JSON "
-                                         "(what --output writes) instead of running a model")
+    p.add_argument("dir", type=input_folder,
+                   help="MMLU folder: DIR/test/*_test.csv, optional DIR/dev/*_dev.csv")
+    p.add_argument("--shots", type=non_negative_int, default=5,
+                   help="few-shot examples from the dev file")
+    p.add_argument("--predictions", type=input_file,
+                   help="score this {subject: [letter per question]} JSON (what --output "
+                        "writes) instead of running a model")
     add_common_args(p)
-    return p.parse_args(argv)
+    return p
 
 
 def read_mmlu_predictions(path) -> dict[str, list[str]]:
@@ -147,7 +151,7 @@ def read_mmlu_predictions(path) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_run(args)
     subjects = load_mmlu(args.dir, args.shots, args.limit)
     if args.predictions:

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from data import input_file
 from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
                           check_string_list, generate_texts, load_scoring_model, markdown_table,
                           mean_percent, normalize_squad, overlap_f1, read_predictions_list,
@@ -174,22 +175,24 @@ def predict(args, samples: list[dict]) -> list[str]:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def parse_args(argv) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = benchmark_parser("openai-evals", __doc__)
-    p.add_argument("samples", help="samples JSONL as in evals/registry/data/<eval>/")
+    p.add_argument("samples", type=input_file,
+                   help="samples JSONL as in evals/registry/data/<eval>/")
     p.add_argument("--eval-class", choices=("match", "includes", "fuzzy_match"),
                    help="how completions are scored (default: from --registry, else match)")
-    p.add_argument("--registry", help="registry YAML (evals/registry/evals/<eval>.yaml) giving "
-                                      "the class and its args")
+    p.add_argument("--registry", type=input_file,
+                   help="registry YAML (evals/registry/evals/<eval>.yaml) giving the class and "
+                        "its args")
     p.add_argument("--eval", help="which eval of --registry (default: the one reading SAMPLES)")
     p.add_argument("--ignore-case", action="store_true", help="includes: case-blind")
     add_common_args(p)
     add_answer_args(p, "a JSON list of completions, one per sample", max_new_tokens=64)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_run(args)
     eval_class, ignore_case = args.eval_class or "match", args.ignore_case
     if args.registry:

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from data import write_json
-from evaluate import DEFAULT_URLS, JudgeError, ask_judge, check_judge
-from evals.common import markdown_table, read_json_file, write_results
+from data import ArgumentParser, input_file, write_json
+from evaluate import DEFAULT_URLS, JudgeError, add_judge_args, ask_judge, check_judge
+from evals.common import check_outputs, markdown_table, read_json_file, write_results
+from generate import check_writable
 
 JUDGE_PROMPT = """You are comparing two responses to the same instruction. Choose the response \
 that follows the instruction better: the more helpful, correct and relevant one. The order in \
@@ -103,16 +104,6 @@ def judge_pair(ask: Callable[[str], str], instruction: str, output_1: str, outpu
         preference = float(by_order[0]) if by_order[0] == by_order[1] else 1.5
     return {"preference": preference, "preferences_by_order": by_order,
             "raw_completion": [reply_1, reply_2]}
-
-
-def add_judge_args(p: argparse.ArgumentParser) -> None:
-    """The judge flags of `evaluate.py --judge`, for the comparisons that need one."""
-    p.add_argument("--judge", choices=("ollama", "openai"), help="the LLM judge's protocol")
-    p.add_argument("--judge-url", help="ollama: default http://localhost:11434; openai: base URL "
-                                       "with or without /v1, default https://api.openai.com/v1")
-    p.add_argument("--judge-model", default="llama3", help="judge model name (llama3)")
-    p.add_argument("--judge-timeout", type=float, default=120.0,
-                   help="seconds to wait for the judge's next bytes (120)")
 
 
 def connect_judge(args) -> Callable[[str], str]:
@@ -230,31 +221,44 @@ def render(summaries: list[dict]) -> str:
 
 
 # ---- command line ------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py pairwise",
-                                description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("outputs", nargs="*", metavar="FILE",
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="evaluate.py pairwise")
+    p.add_argument("outputs", nargs="*", metavar="FILE", type=input_file,
                    help="A.json B.json: response files (book or AlpacaEval model_outputs shape); "
                         "none: recompute win rates from --annotations alone")
     p.add_argument("--names", nargs=2, metavar=("A", "B"),
                    help="model names for the two files (default: their `generator`, else paths)")
     p.add_argument("--annotations", help="AlpacaEval annotations.json: read (judged pairs are "
-                                         "reused) and written after every new verdict")
+                                         "reused) and written after every new verdict; without "
+                                         "FILEs, only read: it must exist")
     add_judge_args(p)
     p.add_argument("--json", help="write the win rates here (JSON)")
     p.add_argument("--report", help="append a Markdown section with the table to this file")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if len(args.outputs) not in (0, 2):
         p.error("give two response files A.json B.json, or none with --annotations")
     if not args.outputs and not args.annotations:
         p.error("give A.json B.json, or --annotations FILE to recompute its win rates")
+    if not args.outputs:  # nothing to judge: the annotations are all there is to read
+        try:
+            input_file(args.annotations)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --annotations: {e}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_outputs(args)  # --json, --report: fail now, not after the judging
+    if args.annotations and args.outputs:
+        check_writable(args.annotations, "--annotations")
     records = load_annotations(args.annotations) if args.annotations else []
     if args.outputs:
         names = args.names or (None, None)

@@ -12,7 +12,8 @@ import random
 import sys
 from typing import Callable
 
-from evals.common import markdown_table, write_results
+from data import ArgumentParser, input_file, non_negative_float, non_negative_int, positive_float
+from evals.common import check_outputs, markdown_table, write_results
 
 # the Arena's battle logs: the score of model_a in each outcome (a tie is half a win)
 WINNERS = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
@@ -209,32 +210,34 @@ def render(result: dict) -> str:
 
 
 # ---- command line ------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py ratings",
-                                description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("battles", nargs="+", help="battle files: JSON lines with model_a, model_b, "
-                                              "winner (from `arena`), or the Arena's JSON list")
-    p.add_argument("--bootstrap", type=int, default=1000,
-                   help="resamples for the 95%% intervals (1000; 0: none)")
-    p.add_argument("--seed", type=int, default=123, help="seed of the resampling (123)")
-    p.add_argument("--k", type=float, default=4.0, help="Elo's K, the step per battle (4)")
-    p.add_argument("--prior", type=float, default=1.0,
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="evaluate.py ratings")
+    p.add_argument("battles", nargs="+", type=input_file,
+                   help="battle files: JSON lines with model_a, model_b, winner (from `arena`), "
+                        "or the Arena's JSON list")
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000,
+                   help="resamples for the 95%% intervals, 0: none")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="seed of the resampling")
+    p.add_argument("--k", type=positive_float, default=4.0, help="Elo's K, the step per battle")
+    p.add_argument("--prior", type=non_negative_float, default=1.0,
                    help="virtual draws per model against a 1000-rated reference in "
-                        "Bradley–Terry (1; 0: plain maximum likelihood)")
+                        "Bradley–Terry, 0: plain maximum likelihood")
     p.add_argument("--anchor", help="put this model's Bradley–Terry rating at 1000 "
                                     "(default: the mean is 1000)")
     p.add_argument("--json", help="write the ratings here (JSON)")
     p.add_argument("--report", help="append a Markdown section with the table to this file")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = p.parse_args(argv)
-    if args.bootstrap < 0 or args.prior < 0:
-        p.error("--bootstrap and --prior must be >= 0")
-    return args
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_outputs(args)  # fail now, not after the bootstrap
     battles = [b for path in args.battles for b in read_battles(path)]
     if not battles:
         raise ValueError(f"no battles in {', '.join(args.battles)}")

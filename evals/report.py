@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from data import PROMPT_STYLES, format_input, load_data, response_header, split_data
+from data import (PROMPT_STYLES, ArgumentParser, format_input, input_file, load_data,
+                  non_negative_int, positive_int, response_header, split_data)
 from evals.calibration import expected_calibration_error
-from evals.common import (add_common_args, check_limit, continuation_logprobs, generate_texts,
+from evals.common import (add_common_args, check_outputs, continuation_logprobs, generate_texts,
                           load_scoring_model, markdown_table, read_json_file, write_results)
 from evals.perturb import FAIRNESS, ROBUSTNESS
 from evaluate import score_entry
@@ -109,8 +110,19 @@ def load_task(spec: str, seed=123) -> tuple[str, str, list[dict]]:
         return f"mc:{Path(arg).stem}", "choice", choice_task(arg)
     if kind == "mmlu" and arg:
         return "mmlu", "choice", mmlu_task(arg)
-    raise ValueError(f"unknown task {spec!r}; use instructions[:FILE], choices[:FILE], "
-                     "ref:FILE, mc:FILE or mmlu:DIR")
+    raise ValueError(f"unknown task {spec!r}; use {TASK_FORMS}")
+
+
+TASK_FORMS = "instructions[:FILE], choices[:FILE], ref:FILE, mc:FILE or mmlu:DIR"
+
+
+def task_spec(spec: str) -> str:
+    """--tasks' type: one of TASK_FORMS, its FILE a file to read, checked as the flags are read."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("instructions", "choices", "ref", "mc", "mmlu") or \
+            not arg and kind not in ("instructions", "choices"):
+        raise argparse.ArgumentTypeError(f"unknown task {spec!r}; use {TASK_FORMS}")
+    return spec if kind == "mmlu" or not arg else f"{kind}:{input_file(arg)}"
 
 
 # ---- running the model on a task's items --------------------------------------------------------
@@ -260,35 +272,40 @@ def render(rows: list[dict]) -> str:
 
 
 # ---- command line ------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py report",
-                                description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("model", nargs="?", help="model written by train.py (or --model-path)")
-    p.add_argument("--tasks", nargs="+", default=["instructions"],
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="evaluate.py report")
+    p.add_argument("model", nargs="?", type=input_file,
+                   help="model written by train.py (or --model-path)")
+    p.add_argument("--tasks", nargs="+", type=task_spec, default=["instructions"],
                    help="instructions[:FILE] (test split of the embedded data or FILE), "
                         "choices[:FILE] (that split as 4-way multiple choice), ref:FILE (every "
                         "entry), mc:FILE (JSON list of {question, choices, answer}), mmlu:DIR "
-                        "(MMLU CSVs, zero-shot); default: instructions")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="answer length limit on reference-answer tasks (64)")
+                        "(MMLU CSVs, zero-shot)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="answer length limit on reference-answer tasks, in tokens")
     p.add_argument("--reference-metric", choices=("auto",) + REFERENCE_METRICS, default="auto",
                    help="score of reference-answer tasks; auto: answer_contained when every "
                         "entry has an `answer`, else rouge_l")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="alpaca",
-                   help="the prompt format the model was trained with (alpaca)")
-    p.add_argument("--seed", type=int, default=123,
-                   help="seed of the perturbations and of the choices task's distractors (123)")
+                   help="the prompt format the model was trained with")
+    p.add_argument("--seed", type=non_negative_int, default=123,
+                   help="seed of the perturbations and of the choices task's distractors")
     add_common_args(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.model = args.model or args.model_path
     if not args.model:
         p.error("give the model file (MODEL.pt or --model-path)")
-    check_limit(args.limit)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_outputs(args)  # fail now, not after the model has run
     tasks = [load_task(spec, args.seed) for spec in args.tasks]  # bad files fail before loading
     model, _, tokenizer = load_scoring_model(args.model, args.device)
     rows, predictions = [], []

@@ -7,6 +7,7 @@ gold answers; v2.0 adds unanswerable questions, "" being the no-answer predictio
 import argparse
 import sys
 
+from data import input_file
 from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run, field,
                           generate_texts, group_rows, load_scoring_model, markdown_table,
                           normalize_squad, overlap_f1, prompt_room, read_json_file,
@@ -138,16 +139,17 @@ def official_answer(answer: str, v2: bool) -> str:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def parse_args(argv) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = benchmark_parser("squad", __doc__)
-    p.add_argument("file", help="SQuAD JSON as published (train/dev-v1.1.json, dev-v2.0.json)")
+    p.add_argument("file", type=input_file,
+                   help="SQuAD JSON as published (train/dev-v1.1.json, dev-v2.0.json)")
     add_common_args(p)
     add_answer_args(p, "the official {id: answer} JSON", max_new_tokens=24)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_run(args)
     v2, questions = read_squad(args.file)
     questions = questions[:args.limit]

@@ -85,8 +85,12 @@ TASKS = {t.name: t for t in (
 )}
 
 
+def build_parser():
+    return classify.build_parser("SuperGLUE", TASKS, __doc__)
+
+
 def main(argv=None) -> None:
-    classify.main("SuperGLUE", TASKS, sys.argv[1:] if argv is None else argv)
+    classify.main("SuperGLUE", TASKS, __doc__, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import string
 import sys
 from pathlib import Path
 
+from data import input_file
 from evals.common import (add_answer_args, add_common_args, benchmark_parser, check_run,
-                          check_string_list, field, generate_texts, load_scoring_model,
+                          check_string_list, field, generate_texts, input_folder, load_scoring_model,
                           markdown_table, mean_percent, overlap_f1, prompt_room, read_json_file,
                           read_predictions_dict, styled_prompt, truncate_tokens, write_results)
 
@@ -133,18 +134,20 @@ def predict(args, units: list[dict]) -> dict[str, str]:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def parse_args(argv) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = benchmark_parser("triviaqa", __doc__)
-    p.add_argument("file", help="TriviaQA JSON as published (qa/wikipedia-dev.json, ...)")
-    p.add_argument("--evidence", help="evidence folder (with wikipedia/ and web/): show the "
-                                      "question's first document; without it, closed-book")
+    p.add_argument("file", type=input_file,
+                   help="TriviaQA JSON as published (qa/wikipedia-dev.json, ...)")
+    p.add_argument("--evidence", type=input_folder,
+                   help="evidence folder (with wikipedia/ and web/): show the question's first "
+                        "document; without it, closed-book")
     add_common_args(p)
     add_answer_args(p, "the official {QuestionId: answer} JSON", max_new_tokens=16)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_run(args)
     units = read_triviaqa(args.file)[:args.limit]
     if args.predictions:

@@ -147,8 +147,10 @@ def test_judge_down_fails_before_loading_models(tmp_path):
         port = s.getsockname()[1]
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\n")
-    r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "arena", "missing1.pt",
-                        "missing2.pt", "--prompts", str(prompts), "--judge", "ollama",
+    for name in ("unread1.pt", "unread2.pt"):  # files, never read: the judge fails first
+        (tmp_path / name).write_bytes(b"x")
+    r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "arena", str(tmp_path / "unread1.pt"),
+                        str(tmp_path / "unread2.pt"), "--prompts", str(prompts), "--judge", "ollama",
                         "--judge-url", f"http://127.0.0.1:{port}"],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0

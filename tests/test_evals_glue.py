@@ -79,9 +79,10 @@ def test_label_with_the_higher_log_likelihood_wins():
     # multi-token: " yes yes" costs 2 * (3 - z) = -15.65 < " no" at 1 - z = -9.83 ...
     two = [Item("Q:", [" yes yes", " no"], 0)]
     assert option_scores(model, tok, two)[0] == pytest.approx([2 * (3 - z), 1 - z], abs=1e-4)
-    # ... but per character (8 and 3) " yes yes" wins: -1.96 > -3.28
+    # ... but per character (7 and 2: the space before an option is not counted, as
+    # lm-evaluation-harness's acc_norm divides by len("no")) " yes yes" wins: -2.24 > -4.91
     normed = option_scores(model, tok, two, length_norm=True)[0]
-    assert normed == pytest.approx([2 * (3 - z) / 8, (1 - z) / 3], abs=1e-4)
+    assert normed == pytest.approx([2 * (3 - z) / 7, (1 - z) / 2], abs=1e-4)
     assert normed[0] > normed[1]
 
 
@@ -193,7 +194,8 @@ def test_superglue_command_jsonl_copa_and_multirc(tmp_path, model_path):
 
 def test_bad_row_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
     write(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel\ngood\t1\nno label here\n")
-    argv = ["glue", "sst2", str(tmp_path / "SST-2"), "--model-path", str(tmp_path / "absent.pt")]
+    (tmp_path / "unread.pt").write_bytes(b"x")  # a file, never read
+    argv = ["glue", "sst2", str(tmp_path / "SST-2"), "--model-path", str(tmp_path / "unread.pt")]
     with pytest.raises(SystemExit) as exit_:  # the file fails before the model is looked for
         cli_main(lambda: evaluate.main(argv))
     assert exit_.value.code == 2

@@ -196,9 +196,10 @@ def test_cli_report_over_instructions_multiple_choice_and_mmlu(tmp_path):
 def test_bad_task_file_fails_before_the_model_loads(tmp_path):
     (tmp_path / "quiz.json").write_text(json.dumps([{"question": "q", "choices": ["a", "b"],
                                                      "answer": 5}]))
+    (tmp_path / "unread.pt").write_bytes(b"x")  # a file, never read: the task fails first
     with pytest.raises(ValueError, match=r"quiz.json: question 0: 'answer' must be a choice's "
                                          r"index or letter, got 5"):
-        report.main(["no-model.pt", "--tasks", f"mc:{tmp_path / 'quiz.json'}"])
+        report.main([str(tmp_path / "unread.pt"), "--tasks", f"mc:{tmp_path / 'quiz.json'}"])
 
 
 def test_reference_metric_choice():

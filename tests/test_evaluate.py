@@ -329,7 +329,7 @@ def test_cli_judge_down_is_one_line_before_scoring(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "not found: .*resp.json"),
+    (None, "resp.json: no such file"),
     ("{not json", "resp.json: line 1 not valid JSON"),
     ("[]", "resp.json: the list of entries is empty"),
     (json.dumps([{"instruction": "i", "output": 3, "model_response": "r"}]), "entry 0 .*'output'"),
