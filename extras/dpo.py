@@ -22,7 +22,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run by path (python extras/dpo.py): the chapter's files
 
-from data import cli_main, get_tokenizer, split_data, write_json  # noqa: E402
+from data import (ArgumentParser, cli_main, get_tokenizer, input_file, non_negative_float,  # noqa: E402
+                  non_negative_int, positive_float, positive_int, split_data, write_json)
 # the preference data lives in dpo_data.py; all of it is imported so `dpo.collate_pairs` etc. still work
 from extras.dpo_data import (PreferenceDataset, collate_pairs, load_preferences,  # noqa: E402, F401
                              make_pair_loader, pad_with_mask, preference_problem)
@@ -31,7 +32,7 @@ from generate import generate_responses  # noqa: E402
 from extras.book_format import load_any_model as load_model  # noqa: E402
 from gpt import atomic_save, pick_device, read_checkpoint, save_model  # noqa: E402
 from train import Interrupted, RunState, StopRequested, copy_weights, format_duration, plot_losses  # noqa: E402
-from training.run import add_run_flags, check_out_dir, make_optimizer  # noqa: E402
+from training.run import add_run_flags, check_out_dir, data_file_or_url, make_optimizer  # noqa: E402
 
 DEFAULT_DATA = str(ROOT / "data" / "preference-data.json")
 BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium
@@ -264,43 +265,60 @@ def load_dpo_checkpoint(path, model, optimizer, source: dict) -> tuple[RunState,
 
 
 # ---- command line --------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Preference-tune a model from train.py with DPO.")
-    p.add_argument("--model-path", default="out/model.pt", help="model.pt written by train.py")
-    p.add_argument("--data", default=DEFAULT_DATA,
+def model_default(key: str) -> str:
+    """The help's words for a default that depends on the model: "default: 5e-06, tiny 0.0001"."""
+    return f"default: {BOOK_DEFAULTS[key]}, tiny {TINY_DEFAULTS[key]}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="dpo.py")
+    p.add_argument("--model-path", type=input_file, default="out/model.pt",
+                   help="model.pt written by train.py (or the book's .pth)")
+    p.add_argument("--data", type=data_file_or_url, default=DEFAULT_DATA,
                    help="preference pairs {instruction, input, chosen, rejected}: JSON file or URL")
-    p.add_argument("--beta", type=float, default=0.1,
-                   help="how far the policy may move from the reference (book: 0.1)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (1)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (8)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (book: 5e-6; tiny: 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (book: 5; tiny: 20)")
-    p.add_argument("--eval-batches", type=int, default=5, help="batches per estimate (5; 0: all)")
-    p.add_argument("--patience", type=int, default=0,
-                   help="stop after N evaluations without a new best validation loss (0: never)")
-    p.add_argument("--max-length", type=int,
-                   help="cut rows to N tokens (default: the model's context length)")
-    p.add_argument("--lora-rank", type=int, default=0,
+    p.add_argument("--beta", type=positive_float, default=0.1,
+                   help="how far the policy may move from the reference (the book's 0.1)")
+    p.add_argument("--epochs", type=positive_int, default=1, help="passes over the training split")
+    p.add_argument("--max-steps", type=non_negative_int, default=0,
+                   help="stop after this many steps, 0: no limit")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")
+    p.add_argument("--lr", type=non_negative_float,
+                   help=f"AdamW learning rate, 0: the policy stays as it is "
+                        f"({model_default('lr')})")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01,
+                   help="AdamW weight decay")
+    p.add_argument("--eval-every", type=positive_int,
+                   help=f"evaluate every N steps, and before the first and after the last; more "
+                        f"than the run's steps: only then ({model_default('eval_every')})")
+    p.add_argument("--eval-batches", type=non_negative_int, default=5,
+                   help="batches per estimate, 0: all of them")
+    p.add_argument("--patience", type=non_negative_int, default=0,
+                   help="stop after N evaluations without a new best validation loss, 0: never")
+    p.add_argument("--max-length", type=positive_int,
+                   help="cut rows to N tokens, at most the model's context length (default: "
+                        "that length)")
+    p.add_argument("--lora-rank", type=non_negative_int, default=0,
                    help="train LoRA adapters of this rank; the reference is then the base with "
-                        "the adapters off, no second copy (0: every weight trains)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale (16)")
+                        "the adapters off, no second copy, 0: every weight trains")
+    p.add_argument("--lora-alpha", type=positive_float, default=16.0, help="LoRA scale")
     p.add_argument("--lora-targets", nargs="+", metavar="LAYER",
                    help="layers that get adapters: qkv out_proj fc proj out_head (default: all)")
     add_run_flags(p, "out-dpo")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", action="store_true", help="print only errors")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     log = (lambda *a, **k: None) if args.quiet else partial(print, flush=True)  # seen as it happens
     out_dir, device = Path(args.out_dir), torch.device(pick_device(args.device))
-    check_out_dir(out_dir)
     data = load_preferences(args.data, log=lambda message: print(message, file=sys.stderr))
     model, cfg = load_model(args.model_path, device)
+    if (args.max_length or 0) > cfg["context_length"]:
+        raise ValueError(f"--max-length {args.max_length} is more than {args.model_path}'s "
+                         f"context length {cfg['context_length']}")
+    check_out_dir(out_dir)  # the flags and the files are right: now the folder is made
     for key, value in (TINY_DEFAULTS if cfg.get("name") == "tiny" else BOOK_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

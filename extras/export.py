@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the chapter's files
 
-from data import ENDOFTEXT, GPT2_SHA256, atomic_write_bytes, cli_main, read_checked, write_json  # noqa: E402
+from data import (ENDOFTEXT, GPT2_SHA256, ArgumentParser, atomic_write_bytes, cli_main,  # noqa: E402
+                  input_file, read_checked, write_json)
 from extras import export_gguf  # noqa: E402
 from extras.book_format import book_config, book_state_dict, load_any_model  # noqa: E402
 from generate import check_writable  # noqa: E402
@@ -168,12 +169,13 @@ def export_safetensors(model: GPTModel, path) -> None:
 
 
 # ---- command line ---------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Export a model (this project's model.pt, or the "
-                                "book's GPTModel state dict) to Hugging Face, the book's format, "
-                                "a safetensors file, or this project's model.pt.")
-    p.add_argument("model", help="model.pt written by train.py, or a .pth of the book's GPTModel "
-                   "(torch.save(model.state_dict(), ...); its size is read from the shapes)")
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser("Export a model (this project's model.pt, or the book's GPTModel state "
+                       "dict) to Hugging Face, the book's format, a safetensors file, GGUF, or "
+                       "this project's model.pt.", prog="export.py")
+    p.add_argument("model", type=input_file,
+                   help="model.pt written by train.py, or a .pth of the book's GPTModel "
+                        "(torch.save(model.state_dict(), ...); its size is read from the shapes)")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DEST"),
                    help="hf OUT_DIR: a new or empty folder for transformers (config.json, "
                         "model.safetensors, tokenizer); book FILE.pth: a state dict for the "
@@ -183,8 +185,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(needs pip install gguf)")
     p.add_argument("--dtype", choices=export_gguf.DTYPES, default="f16",
                    help="gguf only: f32 (exact), f16 or q8_0 (int8 blocks of 32 with a scale) "
-                        "for the weight matrices; norms, biases and positions stay f32 (f16)")
+                        "for the weight matrices; norms, biases and positions stay f32")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.to[0] not in FORMATS:
         p.error(f"--to: unknown format {args.to[0]!r}; choose one of {', '.join(FORMATS)}")

@@ -23,11 +23,12 @@ from typing import Iterator, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the chapter's files
 
-from data import PROMPT_STYLES, cli_main, get_tokenizer  # noqa: E402
+from data import (PROMPT_STYLES, ArgumentParser, cli_main, get_tokenizer, input_file,  # noqa: E402
+                  non_negative_int, number, positive_int)
 from evals.arena import model_names  # noqa: E402
 from generate import check_writable  # noqa: E402
 from extras.book_format import load_any_model as load_model  # noqa: E402
-from gpt import pick_device  # noqa: E402
+from gpt import DEVICE_HELP, pick_device, usable_device  # noqa: E402
 from serve.arena import ROUTES as ARENA_ROUTES  # noqa: E402
 from serve.arena import Arena, Contestant  # noqa: E402
 from serve.batching import Engine, Request  # noqa: E402
@@ -313,16 +314,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Serve a trained model: an OpenAI-compatible API "
-                                "under /v1 and a chat page at /; with two or more models, an "
-                                "arena page at /arena that compares them blind.")
-    p.add_argument("model_paths", metavar="MODEL", nargs="+",
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser("Serve a trained model: an OpenAI-compatible API under /v1 and a chat page "
+                       "at /; with two or more models, an arena page at /arena that compares "
+                       "them blind.", prog="server.py")
+    p.add_argument("model_paths", metavar="MODEL", nargs="+", type=input_file,
                    help="model.pt written by train.py; with two or more, the API and chat page "
                         "use the first and the arena page at /arena compares them all")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
+                   help="address to listen on; 127.0.0.1: this machine only, 0.0.0.0: all")
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000,
+                   help="port, 0: a free one")
     p.add_argument("--api-key",
                    help="require 'Authorization: Bearer KEY' on /v1/ and /arena/ requests")
     p.add_argument("--model-name", action="append",
@@ -330,32 +332,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "file's name); give it once per model")
     p.add_argument("--battles", default="battles.jsonl",
                    help="with two or more models: the JSON-lines file each arena vote is added "
-                        "to, as `evaluate.py arena` writes it (battles.jsonl)")
-    p.add_argument("--seed", type=int, help="seed of the arena's pairings (default: random)")
+                        "to, as `evaluate.py arena` writes it")
+    p.add_argument("--seed", type=non_negative_int,
+                   help="seed of the arena's pairings (default: random)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES,
                    help="default: the style the model was trained with (else alpaca)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto: cuda, then mps, then cpu")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="requests generated together (8); more wait in the queue")
-    p.add_argument("--max-queue", type=int, default=32,
-                   help="requests that may wait (32); past that the server answers 503")
-    p.add_argument("--max-tokens", type=int, default=256,
-                   help="answer length when a request does not set max_tokens (256)")
-    p.add_argument("--max-body", type=int, default=1 << 20,
-                   help="largest request body in bytes (1 MiB); larger ones get 413")
+    p.add_argument("--device", type=usable_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="requests generated together; more wait in the queue")
+    p.add_argument("--max-queue", type=positive_int, default=32,
+                   help="requests that may wait; past that the server answers 503")
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="answer length when a request does not set max_tokens")
+    p.add_argument("--max-body", type=positive_int, default=1 << 20,
+                   help="largest request body in bytes; larger ones get 413")
     p.add_argument("--quiet", action="store_true", help="no log line per request")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_tokens", "max_body"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
     app = load_app(args)
     server = make_server(app, args.host, args.port, args.quiet)
     if not is_loopback(args.host) and not args.api_key:
