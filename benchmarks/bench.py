@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from bench_generate import EOS  # noqa: E402
 from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
-from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
+from data import (ArgumentParser, InstructionDataset, get_tokenizer, input_file,  # noqa: E402
+                  load_data, non_negative_int, positive_int, split_data)
 from generate import encode_prompts, generate, generate_batched  # noqa: E402
-from gpt import MODEL_NAMES, GPTModel, model_config, pick_device  # noqa: E402
+from gpt import MODEL_NAMES, GPTModel, model_config, pick_device, usable_device  # noqa: E402
 from fast.step import attention_kernel, target_loss, use_bf16  # noqa: E402
 from fast.tricks import AdamWInBackward, recast_saved_weights, release_free_memory  # noqa: E402
 from train import calc_loss_batch, train_step  # noqa: E402
@@ -286,20 +287,21 @@ def max_relative_gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="bench.py")
     p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small", help="random weights")
-    p.add_argument("--data", default=DEFAULT_DATA,
+    p.add_argument("--data", type=input_file, default=DEFAULT_DATA,
                    help="its training split gives the batches, its test split the prompts")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    p.add_argument("--no-length-grouping", action="store_true")
-    p.add_argument("--full-head", action="store_true")
-    p.add_argument("--pad-multiple", type=int, default=PAD_MULTIPLE,
-                   help=f"pad batch lengths to a multiple of N ({PAD_MULTIPLE}; 1: the book's)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="entries per step")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="weights and batches")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="as train.py's")
+    p.add_argument("--no-length-grouping", action="store_true", help="as train.py's")
+    p.add_argument("--full-head", action="store_true", help="as train.py's")
+    p.add_argument("--pad-multiple", type=positive_int, default=PAD_MULTIPLE,
+                   help="pad batch lengths to a multiple of N, 1: the book's")
     p.add_argument("--fused-attention", action="store_true",
                    help="keep the fused attention kernel on short CPU rows too")
     p.add_argument("--untied-head", action="store_true", help="the book's separate output head")
@@ -318,19 +320,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the loss, as train.py")
     p.add_argument("--book-model", action="store_true",
                    help="the book's chapter 4 modules (needs --full-head and --untied-head)")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                   help="where to run (cpu; auto: cuda if there is one)")
-    p.add_argument("--prompts", type=int, default=8, help="test prompts for inference (8)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per cached batch (16)")
+    p.add_argument("--device", type=usable_device, default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="where to run; auto: cuda if there is one")
+    p.add_argument("--prompts", type=positive_int, default=8, help="test prompts for inference")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per prompt")
+    p.add_argument("--gen-batch-size", type=positive_int, default=16,
+                   help="prompts per cached batch")
     p.add_argument("--no-cache", action="store_true", help="inference: the book's uncached loop")
-    p.add_argument("--skip-inference", action="store_true")
-    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--skip-inference", action="store_true", help="time training only")
+    p.add_argument("--skip-training", action="store_true", help="time inference only")
     p.add_argument("--compare", action="store_true",
                    help="plain path, fast path and each single ablation; Markdown tables")
     p.add_argument("--json", help="also write every result to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: one job as JSON
-    return p.parse_args(argv)
+    return p
 
 
 def machine(device: str = "cpu") -> str:
@@ -366,7 +369,7 @@ def print_comparison(rows: list[tuple[str, dict]], inference: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.one:  # a child process: one job in, one JSON line out
         job = json.loads(args.one)
         run = run_training if job.pop("kind") == "training" else run_inference

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import get_tokenizer, load_data, split_data  # noqa: E402
+from data import (ArgumentParser, cli_main, get_tokenizer, input_file, load_data,  # noqa: E402
+                  non_negative_int, positive_int, split_data)
 from generate import encode_prompts, generate, generate_batched  # noqa: E402
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
 
 EOS = 50256
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "instruction-data.json"
 MADE_UP = [  # used when data/instruction-data.json is not there
     {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse."},
     {"instruction": "Name three primary colors.", "input": ""},
@@ -60,24 +62,32 @@ def bench_generation(model: GPTModel, entries: list[dict], tokenizer, max_new_to
             "cpu_speedup": (cached_tokens / cached_cpu) / (plain_tokens / plain_cpu)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="bench_generate.py")
     p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small", help="random weights")
-    p.add_argument("--data", default="data/instruction-data.json",
-                   help="its test split supplies the prompts")
-    p.add_argument("--prompts", type=int, default=110)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--baseline-prompts", type=int, default=3)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
-    args = p.parse_args()
+    p.add_argument("--data", type=input_file,
+                   help="its test split supplies the prompts (default: data/instruction-data.json "
+                        "where it is, else made-up prompts)")
+    p.add_argument("--prompts", type=positive_int, default=110, help="prompts answered")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per cached batch")
+    p.add_argument("--baseline-prompts", type=positive_int, default=3,
+                   help="prompts timed with the book's plain loop")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="the random weights")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch.set_num_threads (default: torch's own)")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if Path(args.data).exists():
-        entries = split_data(load_data(args.data))[2][:args.prompts]
+    data = args.data or DEFAULT_DATA
+    if Path(data).exists():
+        entries = split_data(load_data(data))[2][:args.prompts]
     else:
-        print(f"{args.data} not found; using made-up prompts", file=sys.stderr)
+        print(f"{data} not found; using made-up prompts", file=sys.stderr)
         entries = [dict(e, instruction=f"{e['instruction']} (#{i})")
                    for i, e in zip(range(args.prompts), MADE_UP * args.prompts)]
     torch.manual_seed(args.seed)
@@ -98,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

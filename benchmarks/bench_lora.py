@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 from bench import GIB, bench_batches, busy_cpu_seconds, peak_rss  # noqa: E402
-from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
+from data import (ArgumentParser, InstructionDataset, get_tokenizer, load_data,  # noqa: E402
+                  non_negative_int, positive_int, split_data)
 from gpt import MODEL_NAMES, GPTModel, model_config  # noqa: E402
 from fast.step import make_step, use_bf16  # noqa: E402
 from train import calc_loss_batch, train_step  # noqa: E402
@@ -121,22 +122,23 @@ def table(rows: list[tuple[str, dict, dict]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="bench_lora.py")
     p.add_argument("--model", choices=MODEL_NAMES, default="gpt2-small",
-                   help="preset, random weights (gpt2-small)")
-    p.add_argument("--batch-size", type=int, default=8, help="entries (or pairs) per step (8)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
+                   help="preset, random weights")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="entries (or pairs) per step")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per configuration")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="as train.py's --precision (auto)")
-    p.add_argument("--seed", type=int, default=123, help="weights and batches (123)")
+                   help="as train.py's --precision")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="weights and batches")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one job, print JSON
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.one:
         job = json.loads(args.one)
         run = run_dpo if job.pop("kind") == "dpo" else run_sft

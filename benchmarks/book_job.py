@@ -31,11 +31,12 @@ from bench import GIB, peak_rss, sync  # noqa: E402
 from bench_generate import EOS  # noqa: E402
 from book_model import from_gpt  # noqa: E402
 from collate import make_loader  # noqa: E402
-from data import InstructionDataset, get_tokenizer, load_data, split_data  # noqa: E402
+from data import (ArgumentParser, InstructionDataset, get_tokenizer, input_file,  # noqa: E402
+                  load_data, non_negative_int, positive_int, split_data)
 from extras.export import hf_tensors, write_safetensors  # noqa: E402
 from fast.step import use_bf16  # noqa: E402
 from generate import encode_prompts, generate, generate_responses  # noqa: E402
-from gpt import GPTModel, load_weights, model_config  # noqa: E402
+from gpt import MODEL_NAMES, GPTModel, load_weights, model_config, usable_device  # noqa: E402
 from training.run import DEFAULT_DATA  # noqa: E402
 
 
@@ -172,10 +173,11 @@ def run_generation(args) -> dict:
             "book_tokens_per_s": plain[1] / plain[0], "prompts": len(entries)}
 
 
-def in_child(args, job: str) -> dict:
-    """One job in a fresh process: its whole wall time and peak memory are its own."""
+def in_child(argv: list[str], job: str) -> dict:
+    """One job in a fresh process (this script's flags `argv`): its whole wall time and peak
+    memory are its own."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--one", job, *sys.argv[1:]],
+    out = subprocess.run([sys.executable, __file__, "--one", job, *argv],
                          stdout=subprocess.PIPE, text=True)
     if out.returncode:
         return {"error": f"exit code {out.returncode}"}
@@ -221,33 +223,45 @@ def table(rows: dict) -> str:
 
 def add_job_flags(p: argparse.ArgumentParser, model: str, entries: int, epochs: int) -> None:
     """The flags that define the chapter-7 job (shared with job_flops.py, which counts its FLOPs)."""
-    p.add_argument("--model", default=model, help="default: %(default)s (the book's: gpt2-medium)")
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--entries", type=int, default=entries, help="use the first N entries (0: all)")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-batches", type=int, default=5)
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--model", choices=MODEL_NAMES, default=model,
+                   help="preset, random weights unless --weights (the book's: gpt2-medium)")
+    p.add_argument("--data", type=input_file, default=DEFAULT_DATA, help="the instruction data")
+    p.add_argument("--entries", type=non_negative_int, default=entries,
+                   help="use the first N entries, 0: all")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="entries per step")
+    p.add_argument("--eval-every", type=positive_int, default=5, help="evaluate every N steps")
+    p.add_argument("--eval-batches", type=positive_int, default=5,
+                   help="batches per loss estimate")
+    p.add_argument("--seed", type=non_negative_int, default=123, help="weights and batches")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="book_job.py")
     add_job_flags(p, model="gpt2-medium", entries=0, epochs=2)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--prompts", type=int, default=110, help="test prompts for generation (110)")
-    p.add_argument("--book-prompts", type=int, default=3, help="prompts for the book's loop (3)")
+    p.add_argument("--device", type=usable_device, default="cuda", choices=("cuda", "cpu"),
+                   help="where every program runs")
+    p.add_argument("--prompts", type=positive_int, default=110,
+                   help="test prompts for generation")
+    p.add_argument("--book-prompts", type=positive_int, default=3,
+                   help="prompts for the book's loop")
     p.add_argument("--programs", default="book,plain,project,project:--compile,generation",
                    help="comma-separated; project:FLAGS passes FLAGS to train.py, "
                         "project@DIR runs DIR/train.py (another checkout, in the same run)")
-    p.add_argument("--weights", help="HF-layout weights (default: random ones written first)")
+    p.add_argument("--weights", type=input_file,
+                   help="HF-layout weights (default: random ones written first)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
 
 
-def main() -> None:
-    args = parse_args()
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     if args.one:
         print(json.dumps(one(args)))
         return
@@ -256,10 +270,10 @@ def main() -> None:
             torch.manual_seed(args.seed)
             args.weights = str(Path(tmp) / "model.safetensors")
             write_safetensors(args.weights, hf_tensors(GPTModel(model_config(args.model))))
-            sys.argv += ["--weights", args.weights]
+            argv += ["--weights", args.weights]
         rows = {}
         for job in args.programs.split(","):
-            rows[job] = in_child(args, job)
+            rows[job] = in_child(argv, job)
             print(f"{job}: {json.dumps(rows[job])}", flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else os.uname().machine
     print(f"\n{args.model}, {args.epochs} epochs, batch {args.batch_size}, eval every "

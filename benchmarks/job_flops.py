@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from book_job import add_job_flags, loaders as book_loaders  # noqa: E402
-from data import get_tokenizer, load_data  # noqa: E402
+from data import ArgumentParser, get_tokenizer, input_file, load_data, positive_float  # noqa: E402
 from fast.step import use_bf16  # noqa: E402
 from gpt import model_config  # noqa: E402
 from training.run import parse_args as train_py_args, prepare_loaders  # noqa: E402
@@ -107,16 +107,21 @@ def total(counts: dict) -> int:
     return sum(sum(part.values()) for part in (counts["train"], counts["evaluation"]))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="job_flops.py")
     add_job_flags(p, model="gpt2-small", entries=240, epochs=1)
-    p.add_argument("--seconds", type=float, default=2.0, help="timing per matrix shape")
-    p.add_argument("--results", type=Path, help="book_job.py --json output of the same job")
-    return p.parse_args(argv)
+    p.add_argument("--seconds", type=positive_float, default=2.0,
+                   help="timing per matrix shape")
+    p.add_argument("--results", type=input_file, help="book_job.py --json output of the same job")
+    return p
 
 
-def main() -> None:
-    args = parse_args()
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     cfg = model_config(args.model)
     book = book_loaders(args, torch.device("cpu"))
     counts = {"book": job_flops(cfg, book, args, book=True),
@@ -141,7 +146,7 @@ def main() -> None:
         share = (c["train"]["head"] + c["evaluation"]["head"]) / total(c)
         print(f"| {name} | {c['steps']} | {train:.2f} | {evaluation:.2f} | {share:.0%} | "
               + " | ".join(f"{seconds_at(c, r):.1f}" for r in rates.values()) + " |")
-    results = json.loads(args.results.read_text()) if args.results else {}
+    results = json.loads(Path(args.results).read_text()) if args.results else {}
     book_seconds = results.get("book", {}).get("train_seconds")
     if book_seconds:
         print(f"\nthe book's measured training time, {book_seconds:.1f} s, over the least the "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data import ArgumentParser  # noqa: E402
 
 
 FUNCTION = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS  # the flags of a function's code
@@ -68,11 +69,16 @@ def summary(result: dict) -> dict:
             "loop_lines": sum(len(v) for v in result["loop"].values())}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="reading_budget.py")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("train_args", nargs="*", help="train.py's arguments, after --")
-    args = p.parse_args()
+    p.add_argument("train_args", nargs="*", help="train.py's arguments, after -- (default: "
+                                                 "--model tiny --max-steps 2 --no-generate)")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     train_args = args.train_args or ["--model", "tiny", "--max-steps", "2", "--no-generate"]
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
         s = summary(profile_run([*train_args, "--out-dir", out]))  # as run: --quiet adds a lambda

@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 import make_dataset as md  # noqa: E402
-from data import cli_main, get_tokenizer, load_data  # noqa: E402
+from data import (ArgumentParser, cli_main, get_tokenizer, input_file, load_data,  # noqa: E402
+                  non_negative_int, positive_int)
 from evaluate import answer_contained  # noqa: E402
 from generate import generate_responses  # noqa: E402
 from gpt import load_model  # noqa: E402
@@ -63,21 +64,20 @@ def render(columns: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", type=Path, help="fine-tuned model files (train.py's model.pt)")
-    p.add_argument("--per-family", type=int, default=100, help="new entries a family (default: 100)")
-    p.add_argument("--seed", type=int, default=99, help="draws of the new entries (default: 99)")
-    p.add_argument("--data", default=str(ROOT / "data" / "instruction-data.json"),
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="tiny_families.py")
+    p.add_argument("models", nargs="+", type=input_file,
+                   help="fine-tuned model files (train.py's model.pt)")
+    p.add_argument("--per-family", type=positive_int, default=100, help="new entries a family")
+    p.add_argument("--seed", type=non_negative_int, default=99, help="draws of the new entries")
+    p.add_argument("--data", type=input_file, default=str(ROOT / "data" / "instruction-data.json"),
                    help="the instruction set whose entries are left out")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (default: 48)")
-    args = p.parse_args(argv)
-    if args.per_family < 1:
-        p.error("--per-family must be at least 1")
-    for path in args.models:
-        if not path.is_file():
-            p.error(f"no model file at {path}")
-    return args
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per response")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:

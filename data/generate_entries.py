@@ -2,6 +2,7 @@
 The book's way (ch07/05_dataset-generation, the "Magpie" method): the model's own chat template,
 opened at the user turn, goes out as a raw prompt, so the model writes an instruction; a normal
 chat turn then asks for its response. HTTP through evaluate.py's judge client.
+
 Entry points: `make_entry`, `generate_entries`, `main`.
 
     python data/generate_entries.py --backend ollama --model llama3 --n 200 --out my-data.json
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core: data.py, evaluate.py
-from data import cli_main, entry_problem, load_data, write_json  # noqa: E402
+from data import (ArgumentParser, cli_main, entry_problem, load_data, non_negative_float,  # noqa: E402
+                  non_negative_int, positive_float, positive_int, write_json)
 from evaluate import DEFAULT_URLS, JudgeError, check_judge, endpoint, http_json  # noqa: E402
 from evaluate import normalize_answer  # noqa: E402
 
@@ -315,47 +317,41 @@ def run_and_save(run: Run, target: int, attempt: Callable[[int, set], tuple], ou
 
 
 # ---- command line -------------------------------------------------------------------------------
-def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
-    """An argparse type: `kind(text)`, refused below `minimum` (and NaN) when the flags are read."""
-    def parse(text: str):
-        value = kind(text)
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
-        return value
-    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
-    return parse
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=("ollama", "openai"), default="ollama")
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="generate_entries.py")
+    p.add_argument("--backend", choices=("ollama", "openai"), default="ollama",
+                   help="the server's protocol")
     p.add_argument("--url", help=f"ollama: default {URLS['ollama']}; openai (/v1/completions and "
                                  f"/v1/chat/completions): base URL, default {URLS['openai']}")
-    p.add_argument("--model", default="llama3", help="model name on the server (llama3)")
-    p.add_argument("--n", type=at_least(1), required=True, help="entries the file should hold")
+    p.add_argument("--model", default="llama3", help="model name on the server")
+    p.add_argument("--n", type=positive_int, required=True, help="entries the file should hold")
     p.add_argument("--out", required=True, help="JSON file to write, or to extend and resume")
     p.add_argument("--template", default="llama3",
                    help=f"pre-query template: a preset ({', '.join(PRESETS)}) or the literal text "
                         "the model continues with a user message, no {} placeholders, \\n for a "
-                        "newline (llama3)")
+                        "newline")
     p.add_argument("--stop", action="append", help="text that ends the user message (repeatable, "
                                                     "\\n for a newline; default: the preset's)")
-    p.add_argument("--seed", type=at_least(0), default=123,
-                   help="first attempt's seed in a new file; attempt i uses seed + i (123)")
-    p.add_argument("--temperature", type=at_least(0, float), default=1.0, help="(1.0)")
-    p.add_argument("--max-tokens", type=at_least(1), default=1024,
-                   help="longest response; longer ones are skipped (1024)")
-    p.add_argument("--timeout", type=at_least(0, float), default=120.0,
-                   help="seconds to wait for the server's next bytes (120)")
-    p.add_argument("--save-every", type=at_least(1), default=10,
-                   help="rewrite the file after this many new entries (10)")
+    p.add_argument("--seed", type=non_negative_int, default=123,
+                   help="first attempt's seed in a new file; attempt i uses seed + i")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+                   help="the server's sampling temperature, 0: greedy")
+    p.add_argument("--max-tokens", type=positive_int, default=1024,
+                   help="longest response; longer ones are skipped")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
+                   help="seconds to wait for the server's next bytes")
+    p.add_argument("--save-every", type=positive_int, default=10,
+                   help="rewrite the file after this many new entries")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not read_template(args.template).strip():
         p.error("--template is empty")
-    if args.timeout == 0:
-        p.error("--timeout must be above 0")
     return args
 
 

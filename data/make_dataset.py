@@ -2,8 +2,8 @@
 
 About 1,140 short entries in 28 task families: rules a small model can learn (plurals, sorting, sums,
 ...) and facts from small hand-written tables (capitals, antonyms, ...; in words.py, with the rules
-that inflect words). Seeded, stdlib only: running it rewrites the file byte for byte; `--check` exits 1
-if the committed file differs. data.py loads it.
+that inflect words). Seeded: running it rewrites the file byte for byte; `--check` exits 1 if the
+committed file differs. data.py loads it (and gives it its command line).
 """
 import argparse
 import functools
@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # words.py lives beside this file
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (data.py) and words.py, beside this file
+from data import ArgumentParser, cli_main  # noqa: E402
 from words import (ADJECTIVES, ANIMAL_SOUNDS, ANTONYMS, BABY_ANIMALS, CAPITALS, CATEGORIES,  # noqa: E402
                    COLOURS, DAYS, ENDINGS, LANGUAGES, MONTHS, NOUNS, OBJECTS, PAST_VERBS, SUBJECTS,
                    SYNONYMS, UNITS, VERBS, article, capitalize, comparative, number_words, past_tense,
@@ -335,15 +337,24 @@ def render(entries: list[dict]) -> str:
     return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
 
 
-def generator_cli(doc: str, build: Callable[[], list[dict]], what: Callable[[list[dict]], str],
-                  out: Path, argv: list[str] | None = None) -> int:
+def generator_parser(doc: str, out: Path, prog: str) -> argparse.ArgumentParser:
+    """The flags of a data generator (this file, make_preferences.py): --out and --check."""
+    p = ArgumentParser(doc, prog=prog)
+    p.add_argument("--out", type=Path, default=out, help="where the JSON goes")
+    p.add_argument("--check", action="store_true", help="exit 1 if --out differs from a fresh build")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return generator_parser(__doc__, OUT, "make_dataset.py")
+
+
+def generator_cli(parser: argparse.ArgumentParser, build: Callable[[], list[dict]],
+                  what: Callable[[list[dict]], str], argv: list[str] | None = None) -> int:
     """The command line of a data generator: write `build()`'s entries to --out (through a
     temporary file and a rename, so an interrupted run never leaves half a file), or with
     --check exit 1 if the file there differs from a fresh build."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--out", type=Path, default=out, help="where the JSON goes (default: %(default)s)")
-    p.add_argument("--check", action="store_true", help="exit 1 if --out differs from a fresh build")
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     entries = build()
     text = render(entries).encode("utf-8")
     if args.check:
@@ -358,9 +369,9 @@ def generator_cli(doc: str, build: Callable[[], list[dict]], what: Callable[[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generator_cli(__doc__, build_entries, lambda entries: f"{len(entries)} entries in "
-                         f"{len({e['task'] for e in entries})} families", OUT, argv)
+    return generator_cli(build_parser(), build_entries, lambda entries: f"{len(entries)} entries "
+                         f"in {len({e['task'] for e in entries})} families", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(lambda: sys.exit(main()))

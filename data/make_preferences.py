@@ -3,8 +3,8 @@
 One entry per entry of data/instruction-data.json, in its order (so data.split_data holds out the
 same entries), in the book's format {instruction, input, output, chosen, rejected}: chosen is the
 correct output; rejected is, by a seeded draw, a wrong answer (another entry's answer of the same
-task put in its place), a rude refusal, or the correct answer padded with filler. Stdlib only:
-running it rewrites the file byte for byte; `--check` exits 1 if the committed file differs.
+task put in its place), a rude refusal, or the correct answer padded with filler. Seeded: running
+it rewrites the file byte for byte; `--check` exits 1 if the committed file differs.
 """
 import json
 import random
@@ -12,7 +12,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from make_dataset import generator_cli  # the same JSON layout and command line
+from make_dataset import cli_main, generator_cli, generator_parser  # the same JSON and flags
 
 SEED = 123
 SOURCE = Path(__file__).with_name("instruction-data.json")
@@ -65,10 +65,15 @@ def build_entries(source: list[dict], seed: int = SEED) -> list[dict]:
     return entries
 
 
+def build_parser():
+    return generator_parser(__doc__, OUT, "make_preferences.py")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return generator_cli(__doc__, lambda: build_entries(json.loads(SOURCE.read_text(encoding="utf-8"))),
-                         lambda entries: f"{len(entries)} preference pairs", OUT, argv)
+    return generator_cli(build_parser(),
+                         lambda: build_entries(json.loads(SOURCE.read_text(encoding="utf-8"))),
+                         lambda entries: f"{len(entries)} preference pairs", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(lambda: sys.exit(main()))

@@ -19,8 +19,10 @@ import torch.utils.deterministic  # noqa: F401  (the fill_uninitialized_memory s
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core (gpt.py, data.py), tiny_corpus.py, tiny_rounds.py
-from data import ENDOFTEXT, atomic_write_bytes, cli_main, get_tokenizer, load_data  # noqa: E402
-from gpt import GPTModel, load_model, model_config, save_model  # noqa: E402
+from data import (ENDOFTEXT, ArgumentParser, atomic_write_bytes, cli_main, get_tokenizer,  # noqa: E402
+                  input_file, load_data, non_negative_float, non_negative_int, number,
+                  positive_float, positive_int)
+from gpt import GPTModel, load_model, model_config, save_model, usable_device  # noqa: E402
 import train  # noqa: E402  (the learning-rate schedule)
 from tiny_corpus import check_held_out  # noqa: E402
 from tiny_rounds import round_corpus  # noqa: E402
@@ -101,7 +103,7 @@ def pretrain(model, train_tokens, val_tokens, args, device: torch.device, log=pr
         if args.time_limit and time.perf_counter() - start > args.time_limit:
             log(f"stopping at step {step}: --time-limit {args.time_limit:.0f}s reached")
             break
-        if step == args.stop_after:  # the shipped file's run, reproduced without a clock
+        if args.stop_after and step == args.stop_after:  # the shipped run, without a clock
             log(f"stopping at step {step} (--stop-after)")
             break
         inputs, targets = get_batch(train_tokens, order[step], length)
@@ -138,15 +140,6 @@ def start_from(path: Path, cfg: dict) -> GPTModel:
     return model.train()
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -155,59 +148,64 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=SEED, help="corpus, initial weights and data order")
-    p.add_argument("--passages", type=int, default=200_000,
-                   help="passages in the corpus (about 64 tokens each; default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20_000, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="windows per step (default: %(default)s)")
-    p.add_argument("--window", type=int, default=256,
-                   help="tokens per window, at most the context length 256 (shorter for CPU trials)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=500, help="steps of linear warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's weight decay")
-    p.add_argument("--held-out-frac", type=float, default=0.02,
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="pretrain_tiny.py")
+    p.add_argument("--seed", type=non_negative_int, default=SEED,
+                   help="corpus, initial weights and data order")
+    p.add_argument("--passages", type=positive_int, default=200_000,
+                   help="passages in the corpus (about 64 tokens each)")
+    p.add_argument("--steps", type=positive_int, default=20_000, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="windows per step")
+    p.add_argument("--window", type=number(int, 1, model_config("tiny")["context_length"]),
+                   default=256, help="tokens per window, at most the context length 256 "
+                                     "(shorter for CPU trials)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=500, help="steps of linear warm-up")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
+                   help="AdamW's weight decay")
+    p.add_argument("--held-out-frac", type=number(float, 0, 0.5, above=True), default=0.02,
                    help="share of the corpus kept out of training for the held-out loss")
-    p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out losses")
-    p.add_argument("--eval-batches", type=int, default=10, help="batches in each held-out loss")
-    p.add_argument("--log-every", type=int, default=200, help="steps between progress lines")
-    p.add_argument("--time-limit", type=float, default=0,
-                   help="stop training after this many seconds and save (0: no limit)")
-    p.add_argument("--stop-after", type=int, default=-1,
-                   help="stop after this many steps, keeping the schedule of --steps (-1: never)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available, else the CPU")
-    p.add_argument("--out", type=Path, default=OUT, help="where the weights go (default: %(default)s)")
+    p.add_argument("--eval-every", type=positive_int, default=1000,
+                   help="steps between held-out losses")
+    p.add_argument("--eval-batches", type=positive_int, default=10,
+                   help="batches in each held-out loss")
+    p.add_argument("--log-every", type=positive_int, default=200,
+                   help="steps between progress lines")
+    p.add_argument("--time-limit", type=non_negative_float, default=0,
+                   help="stop training after this many seconds and save, 0: no limit")
+    p.add_argument("--stop-after", type=non_negative_int, default=0,
+                   help="stop after this many steps, keeping the schedule of --steps, 0: never")
+    p.add_argument("--device", type=usable_device, choices=("auto", "cpu", "cuda"),
+                   default="auto", help="auto: CUDA when available, else the CPU")
+    p.add_argument("--out", type=Path, default=OUT, help="where the weights go")
     p.add_argument("--corpus-only", type=Path, metavar="FILE",
                    help="write the corpus text to FILE and stop (for inspection)")
-    p.add_argument("--init", type=Path, metavar="FILE",
-                   help="continue from these tiny weights instead of random ones (continued pretraining)")
-    p.add_argument("--drill", type=int, default=0, metavar="ROUNDS",
-                   help="shuffle in ROUNDS passes over every small sum, product and unit conversion")
-    p.add_argument("--compare", type=int, default=0, metavar="N",
-                   help="shuffle in N yes-or-no comparisons of two numbers 1..99 (the comparison round)")
-    p.add_argument("--forms", type=int, default=0, metavar="N",
-                   help="shuffle in N questions answered at a line's start (the answer-form round)")
-    p.add_argument("--instructions", type=Path, default=INSTRUCTIONS,
+    p.add_argument("--init", type=input_file, metavar="FILE",
+                   help="continue from these tiny weights instead of random ones (continued "
+                        "pretraining)")
+    p.add_argument("--drill", type=non_negative_int, default=0, metavar="ROUNDS",
+                   help="shuffle in ROUNDS passes over every small sum, product and unit "
+                        "conversion")
+    p.add_argument("--compare", type=non_negative_int, default=0, metavar="N",
+                   help="shuffle in N yes-or-no comparisons of two numbers 1..99 (the "
+                        "comparison round)")
+    p.add_argument("--forms", type=non_negative_int, default=0, metavar="N",
+                   help="shuffle in N questions answered at a line's start (the answer-form "
+                        "round)")
+    p.add_argument("--instructions", type=input_file, default=str(INSTRUCTIONS),
                    help="the instruction set that must stay out of the corpus")
-    args = p.parse_args(argv)
-    if not 1 <= args.window <= model_config("tiny")["context_length"]:
-        p.error("--window must be between 1 and 256")
-    for name in ("passages", "steps", "batch_size", "eval_every", "eval_batches", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.drill, args.compare, args.forms) < 0:
-        p.error("--drill, --compare and --forms must not be negative")
-    if not (args.lr > 0 and args.warmup >= 0 and 0 < args.held_out_frac < 0.5):
-        p.error("--lr must be positive, --warmup not negative, --held-out-frac in (0, 0.5)")
-    return args
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets CUDA's matmuls be deterministic
-    device = pick_device(args.device)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
     folder = (args.corpus_only or args.out).resolve().parent
     if not (folder.is_dir() and os.access(folder, os.W_OK)):  # fail now, not after the training
         raise OSError(f"cannot write {args.corpus_only or args.out}: {folder} is missing or read-only")

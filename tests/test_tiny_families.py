@@ -49,4 +49,5 @@ def test_the_script_scores_a_real_model_and_refuses_a_missing_one(tmp_path):
     assert all(0 <= float(r.rsplit("|", 2)[1]) <= 100 for r in rows)
     missing = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none.pt")],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no model file at" in missing.stderr
+    assert missing.returncode == 2 and "argument models: " in missing.stderr
+    assert "none.pt: no such file" in missing.stderr
