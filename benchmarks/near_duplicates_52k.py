@@ -26,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "data")]
-from data import cli_main, get_tokenizer, write_json  # noqa: E402
+from data import (ArgumentParser, cli_main, get_tokenizer, non_negative_int,  # noqa: E402
+                  positive_int, write_json)
 import near_duplicates as nd  # noqa: E402
 import tfidf_pairs  # noqa: E402
 
@@ -157,13 +158,17 @@ def check_subsample(entries: list[dict], n: int, seed: int, thresholds=(0.9, 0.7
     return f"{len(sample):,}-entry subsample: " + ", ".join(counts) + ", the same as brute force"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="near_duplicates_52k.py")
+    p.add_argument("--entries", type=positive_int, default=52_000, help="entries generated")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the generated entries")
+    p.add_argument("--check", type=positive_int, metavar="N", help="compare N random entries' "
+                   "pairs with brute force")
+    return p
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--entries", type=int, default=52_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--check", type=int, metavar="N", help="compare N random entries' pairs with "
-                   "brute force")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print(f"machine: {machine()}", flush=True)
     start = time.perf_counter()
     entries = make_entries(args.entries, args.seed)

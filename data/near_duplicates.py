@@ -16,7 +16,8 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the core's data.py, tfidf_pairs.py beside this file
-from data import cli_main, load_data, split_data, write_json  # noqa: E402
+from data import (ArgumentParser, cli_main, input_file, load_data, probability,  # noqa: E402
+                  split_data, write_json)
 try:  # numpy is this tool's own dependency: the rest of the project runs without it
     from tfidf_pairs import preprocess_text, similar_pairs, tfidf_matrix  # noqa: E402
 except ModuleNotFoundError as e:
@@ -191,27 +192,11 @@ def summary(rows: list[tuple[Pair, str | None]], n: int, threshold: float, split
     return line
 
 
-def threshold_value(text: str) -> float:
-    """--threshold: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as every failure of this command
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("file", help="a JSON list of entries (data.load_data checks it)")
-    p.add_argument("--threshold", type=threshold_value, default=0.9,
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(__doc__, prog="near_duplicates.py")
+    p.add_argument("file", type=input_file,
+                   help="a JSON list of entries (data.load_data checks it)")
+    p.add_argument("--threshold", type=probability, default=0.9,
                    help="pairs with similarity above this, in (0, 1]; 1.0: identical after "
                         "preprocessing (default %(default)s, as the book's command)")
     p.add_argument("--json", action="store_true", help="one JSON object a line per pair")
@@ -221,6 +206,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the entries without input/output near-duplicates (the book's "
                         "rule) to OUT, atomically; OUT may be FILE itself, given explicitly")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.split and args.remove:
         p.error("--split reports leaks, --remove removes within the file; use one at a time")

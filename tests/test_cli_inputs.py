@@ -9,6 +9,7 @@ import functools
 import importlib
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,9 @@ TOP = {"train.py": (run.build_parser, train.main), "generate.py": (generate.buil
        "extras/dpo.py": (dpo.build_parser, dpo.main), "extras/export.py": (export.build_parser,
        export.main), "serve/server.py": (server.build_parser, server.main)}
 BY_PATH = ("data/generate_entries.py", "data/pretrain_tiny.py", "data/make_dataset.py",
-           "data/make_preferences.py", "benchmarks/bench.py", "benchmarks/bench_generate.py",
-           "benchmarks/bench_lora.py", "benchmarks/book_job.py", "benchmarks/job_flops.py",
+           "data/make_preferences.py", "data/near_duplicates.py", "benchmarks/bench.py",
+           "benchmarks/bench_generate.py", "benchmarks/bench_lora.py", "benchmarks/book_job.py",
+           "benchmarks/job_flops.py", "benchmarks/near_duplicates_52k.py",
            "benchmarks/reading_budget.py", "benchmarks/tiny_families.py")
 NAMES = [*TOP, *(f"evaluate.py {b}" for b in evaluate.BENCHMARKS), *BY_PATH]
 
@@ -116,12 +118,23 @@ def refused(capsys, workdir, name: str, argv: list[str]) -> str:
     return err
 
 
+def test_every_script_that_reads_flags_is_walked():
+    walked_files = {*TOP, *BY_PATH, *(f"{m.replace('.', '/')}.py"
+                                      for m in evaluate.BENCHMARKS.values())}
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    for path in tracked:
+        text = (ROOT / path).read_text(encoding="utf-8")
+        if not path.startswith("tests/") and "__main__" in text and "add_argument(" in text:
+            assert path in walked_files, f"{path} reads flags: add it to BY_PATH"
+
+
 def test_every_parser_is_walked_and_every_type_is_known():
     for name in NAMES:
         for action in script(name)[0]()._actions:
             known = action.type in PLAIN_TYPES | FILE_TYPES | FOLDER_TYPES | set(OTHER_TYPES)
             assert known or hasattr(action.type, "bounds"), (name, action.dest, action.type)
-    assert len(walked()) > 300  # numbers, files and devices of 29 parsers
+    assert len(walked()) > 500  # numbers, files, folders and devices of 31 parsers
 
 
 def test_every_bad_number_file_or_device_is_one_line_naming_the_option(capsys, workdir):
@@ -207,7 +220,7 @@ def test_eval_batches_0_means_all_and_eval_every_past_the_end_means_start_and_en
         assert "more than the run's steps: only then" in helps["eval_every"]
 
 
-# ---- help that explains ---------------------------------------------------------------------------
+# ---- help that explains -----------------------------------------------------------------------
 def test_every_option_has_help_with_its_default_and_every_description_is_whole():
     for name in NAMES:
         parser = script(name)[0]()
@@ -238,6 +251,7 @@ def test_evaluate_names_its_benchmarks_in_the_usage_and_each_dir_help_its_own_fo
     assert "BENCHMARK" in usage and "RESPONSES" in usage
     assert ", ".join(evaluate.BENCHMARKS) in " ".join(evaluate.build_parser().format_help().split())
     glue, superglue = (script(f"evaluate.py {b}")[0]() for b in ("glue", "superglue"))
-    glue_dir, superglue_dir = ({a.dest: a.help for a in p._actions}["dir"] for p in (glue, superglue))
+    glue_dir, superglue_dir = ({a.dest: a.help for a in p._actions}["dir"]
+                               for p in (glue, superglue))
     assert "SST-2/" in glue_dir and "BoolQ" not in glue_dir
     assert "BoolQ/" in superglue_dir and "SST-2" not in superglue_dir

@@ -292,9 +292,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": 1}]')
     two = write(tmp_path, entries_of(["a", "b"]), "two.json")
-    cases = [([path, "--threshold", "0"], "not in (0, 1]"),
-             ([path, "--threshold", "1.5"], "(0, 1]"), ([path, "--threshold", "x"], "not a number"),
-             ([tmp_path / "none.json"], "not found"),
+    cases = [([path, "--threshold", "0"], "argument --threshold: must be a finite number > 0 "
+                                          "and <= 1, got '0'"),
+             ([path, "--threshold", "1.5"], "<= 1"), ([path, "--threshold", "x"], "got 'x'"),
+             ([tmp_path / "none.json"], "argument file: "),
              ([bad], "entry 0"), ([two, "--split"], "too few"),
              ([path, "--split", "--remove", "o.json"], "one at a time")]
     for argv, message in cases:
