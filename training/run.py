@@ -23,7 +23,7 @@ from generate import generate_responses
 from gpt import (DEVICE_HELP, MODEL_NAMES, GPTModel, load_weights, model_config, pick_device,
                  save_model, usable_device)
 from training import checkpoint
-from training.files import TINY_PRETRAINED, download_gpt2, fetch_data
+from training.files import TINY_PRETRAINED, data_file_or_url, download_gpt2, fetch_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = str(ROOT / "data" / "instruction-data.json")
@@ -257,19 +257,12 @@ PRESETS = {"gpt2-*": BOOK_DEFAULTS, "tiny": TINY_DEFAULTS, "tiny --from-scratch"
 def preset_default(key: str) -> str:
     """The help's words for a default that differs by preset, read from the presets themselves:
     "default: gpt2-* 2, tiny 6, tiny --from-scratch 15"."""
-    shown = {}
-    for name, defaults in PRESETS.items():
-        value = defaults[key]
-        shown.setdefault("on" if value is True else "off" if value is False else str(value),
-                         []).append(name)
-    if len(shown) == 1:
-        return f"default: {next(iter(shown))}"
-    return "default: " + ", ".join(f"{' and '.join(names)} {v}" for v, names in shown.items())
-
-
-def data_file_or_url(text: str) -> str:
-    """--data's type: an http(s) URL (downloaded once the flags are read), else a file to read."""
-    return text if "://" in text else input_file(text)
+    shown = {}  # the value as the help shows it -> the presets that have it
+    for name, value in ((name, defaults[key]) for name, defaults in PRESETS.items()):
+        shown.setdefault({True: "on", False: "off"}[value] if isinstance(value, bool)
+                         else str(value), []).append(name)
+    return "default: " + ", ".join(f"{' and '.join(names)} {v}" if len(shown) > 1 else v
+                                   for v, names in shown.items())
 
 
 def add_run_flags(p: argparse.ArgumentParser, out_dir: str) -> None:
