@@ -32,8 +32,7 @@ from generate import generate_responses  # noqa: E402
 from extras.book_format import load_any_model as load_model  # noqa: E402
 from gpt import atomic_save, pick_device, read_checkpoint, save_model  # noqa: E402
 from train import Interrupted, RunState, StopRequested, copy_weights, format_duration, plot_losses  # noqa: E402
-from training.files import data_file_or_url  # noqa: E402
-from training.run import add_run_flags, check_out_dir, make_optimizer  # noqa: E402
+from training.run import add_run_flags, check_out_dir, data_file_or_url, make_optimizer  # noqa: E402
 
 DEFAULT_DATA = str(ROOT / "data" / "preference-data.json")
 BOOK_DEFAULTS = dict(lr=5e-6, eval_every=5)  # the book's DPO run on gpt2-medium

@@ -24,7 +24,7 @@ from evals import common, humaneval, report
 from extras import dpo, export
 from script_loader import load_script
 from serve import server
-from training import checkpoint, files, run
+from training import checkpoint, run
 
 ROOT = Path(__file__).resolve().parent.parent
 # the scripts run by path, each with its flags' parser and its main (argv -> None)
@@ -56,7 +56,7 @@ def script(name: str):
 # ---- what counts as out of range, by the option's type --------------------------------------
 UNUSABLE = ["tpu"] + [d for d, ok in (("cuda", torch.cuda.is_available()),
                                       ("mps", torch.backends.mps.is_available())) if not ok]
-FILE_TYPES = {input_file, evaluate.responses_file, files.data_file_or_url}
+FILE_TYPES = {input_file, evaluate.responses_file, run.data_file_or_url}
 FOLDER_TYPES = {common.input_folder}
 OTHER_TYPES = {  # types of their own: values each refuses
     gpt.usable_device: UNUSABLE, checkpoint.parse_every: ["-1", "x", "nanm"],

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from data import input_file, parse_entries
+from data import parse_entries
 from gpt import HF_NAMES, read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +66,6 @@ def cached_path(url: str, cache_dir=None) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urlparse(url).path).name) or "data.json"
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
     return Path(cache_dir or cache_root() / "data") / f"{digest}-{name}"
-
-
-def data_file_or_url(text: str) -> str:
-    """--data's type: an http(s) URL (fetch_data downloads it), else a file to read."""
-    return text if "://" in text else input_file(text)
 
 
 def fetch_data(source: str, require_output: bool = True, cache_dir=None) -> str:

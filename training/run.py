@@ -23,7 +23,7 @@ from generate import generate_responses
 from gpt import (DEVICE_HELP, MODEL_NAMES, GPTModel, load_weights, model_config, pick_device,
                  save_model, usable_device)
 from training import checkpoint
-from training.files import TINY_PRETRAINED, data_file_or_url, download_gpt2, fetch_data
+from training.files import TINY_PRETRAINED, download_gpt2, fetch_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = str(ROOT / "data" / "instruction-data.json")
@@ -265,6 +265,11 @@ def preset_default(key: str) -> str:
                                    for v, names in shown.items())
 
 
+def data_file_or_url(text: str) -> str:
+    """--data's type: an http(s) URL (fetch_data downloads it), else a file to read."""
+    return text if "://" in text else input_file(text)
+
+
 def add_run_flags(p: argparse.ArgumentParser, out_dir: str) -> None:
     """The flags train.py and dpo.py share: precision, device, seed, where outputs and
     checkpoints go, resuming, and the test-set responses."""
@@ -379,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, each checked as it is read, unset ones filled from the preset, and the rules
-    between flags checked before any work: an error is one line and exit 2."""
+    """The flags, each checked as it is read, unset ones from the preset, then the rules between
+    them: any error is one line and exit 2, before any work."""
     p = build_parser()
     args = fill_defaults(p.parse_args(argv))
     context = model_config(args.model)["context_length"]
