@@ -197,19 +197,12 @@ def train_model(model, train_loader, val_loader, optimizer, device, num_epochs, 
                 state.tokens_seen += n_targets
                 if state.step % eval_freq == 0 and evaluate() and best is not None:
                     best = copy_weights(model, into=best)
-                every, unit = save_every  # --save-every N steps, or N minutes since the last save
-                if save and every and (state.step % every == 0 if unit == "steps" else
-                                       time.perf_counter() - last_save >= 60 * every):
+                if save and save_due(save_every, state.step, time.perf_counter() - last_save):
                     save(state, best)
                     last_save = time.perf_counter()
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
-                if patience and state.evals_since_best >= patience:
-                    reason = f"early stop at step {state.step}: no new best validation loss " \
-                             f"in {patience} evaluations"
-                elif max_steps and state.step >= max_steps:
-                    reason = f"reached --max-steps {max_steps}"
-                if reason:
+                if reason := stop_reason(state, patience, max_steps):
                     break
             else:
                 state.epoch, state.batch = state.epoch + 1, 0
@@ -231,6 +224,24 @@ def lr_at(step: int, lr: float, total_steps: int, schedule: str = "constant",
         return lr
     progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_due(every: tuple[float, str], step: int, seconds_since_save: float) -> bool:
+    """--save-every: (N, "steps") or (N, "minutes") since the last save; N = 0: never."""
+    value, unit = every
+    if not value:
+        return False
+    return seconds_since_save >= 60 * value if unit == "minutes" else step % value == 0
+
+
+def stop_reason(state: RunState, patience: int, max_steps: int) -> str | None:
+    """Why a run stops after this step (early stopping, --max-steps), or None to go on."""
+    if patience and state.evals_since_best >= patience:
+        return (f"early stop at step {state.step}: no new best validation loss in {patience} "
+                f"evaluations")
+    if max_steps and state.step >= max_steps:
+        return f"reached --max-steps {max_steps}"
+    return None
 
 
 def copy_weights(model, into: dict | None = None) -> dict:

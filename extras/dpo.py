@@ -31,7 +31,8 @@ from fast.step import use_bf16  # noqa: E402
 from generate import generate_responses  # noqa: E402
 from extras.book_format import load_any_model as load_model  # noqa: E402
 from gpt import atomic_save, pick_device, read_checkpoint, save_model  # noqa: E402
-from train import Interrupted, RunState, StopRequested, copy_weights, format_duration, plot_losses  # noqa: E402
+from train import (Interrupted, RunState, StopRequested, copy_weights,  # noqa: E402
+                   format_duration, plot_losses, save_due, stop_reason)
 from training.run import add_run_flags, check_out_dir, data_file_or_url, make_optimizer  # noqa: E402
 
 DEFAULT_DATA = str(ROOT / "data" / "preference-data.json")
@@ -197,19 +198,12 @@ def train_dpo(policy, reference, optimizer, train_loader, val_loader, args, stat
                 state.tokens_seen += int(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
                 if state.step % args.eval_every == 0 and evaluate():
                     best = copy_weights(policy, into=best)
-                every, unit = args.save_every  # N steps, or N minutes since the last save
-                if every and (state.step % every == 0 if unit == "steps" else
-                              time.perf_counter() - last_save >= 60 * every):
+                if save_due(args.save_every, state.step, time.perf_counter() - last_save):
                     on_save(state, best)
                     last_save = time.perf_counter()
                 if stop.requested:
                     raise Interrupted(f"interrupted at step {state.step}", best)
-                if args.patience and state.evals_since_best >= args.patience:
-                    reason = f"early stop at step {state.step}: no new best validation loss " \
-                             f"in {args.patience} evaluations"
-                elif args.max_steps and state.step >= args.max_steps:
-                    reason = f"reached --max-steps {args.max_steps}"
-                if reason:
+                if reason := stop_reason(state, args.patience, args.max_steps):
                     break
             else:
                 state.epoch, state.batch = state.epoch + 1, 0

@@ -404,3 +404,15 @@ def test_train_model_keeps_the_best_weights_and_stops_early():
     assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
 
 
+
+
+def test_save_due_takes_steps_or_minutes_and_stop_reason_names_why():
+    assert train.save_due((200, "steps"), 400, 0.0) and not train.save_due((200, "steps"), 401, 1e9)
+    assert train.save_due((1.5, "minutes"), 7, 90.0)
+    assert not train.save_due((1.5, "minutes"), 7, 89.0)
+    assert not train.save_due((0, "steps"), 0, 1e9)
+    state = train.RunState(step=4, evals_since_best=2)
+    assert train.stop_reason(state, 2, 0) == \
+        "early stop at step 4: no new best validation loss in 2 evaluations"
+    assert train.stop_reason(state, 3, 4) == "reached --max-steps 4"
+    assert train.stop_reason(state, 0, 0) is None and train.stop_reason(state, 3, 5) is None
